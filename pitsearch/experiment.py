@@ -1,0 +1,234 @@
+"""One experiment, top to bottom: config -> validate -> data -> model -> stats -> MLflow run -> train -> result.
+
+`python -m pitsearch` runs one; the sweep engine runs one per trial (reusing the loaded dataset and the
+tracker). A run that fails or is stopped still ends its MLflow run, marked, with the reason as a tag.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+from pitsearch.errors import ConfigError
+from pitsearch.train import EpochCallback, StopRun
+
+
+@dataclass
+class Prepared:
+    """Everything known about a run before training starts."""
+
+    cfg: dict[str, Any]          # resolved config, model dims filled from the data
+    model: Any
+    dataset: Any
+    stats: dict[str, Any]
+
+
+@dataclass
+class ExperimentResult:
+    state: str                   # COMPLETE | PRUNED | FAILED
+    history: dict[str, list[float]] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict)
+    cfg: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None
+    reason: str | None = None
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {k: v[-1] for k, v in self.history.items() if v}
+
+
+def to_container(cfg: Any) -> dict[str, Any]:
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return dict(cfg)
+
+
+def validate_config(cfg: Mapping[str, Any]) -> None:
+    """Checks that need no data loaded: one-line `ConfigError`s naming the field."""
+    from pitsearch.data import validate_data_config
+    from pitsearch.train import validate_train_config
+
+    for section in ("model", "data", "train"):
+        if not isinstance(cfg.get(section), Mapping):
+            raise ConfigError(section, "missing config section")
+    validate_data_config(cfg["data"])
+    validate_train_config(cfg["train"])
+
+
+def fill_model_from_data(model_cfg: Mapping[str, Any], dataset) -> dict[str, Any]:
+    """img_size / in_chans / num_classes come from the data unless the user set them."""
+    filled = dict(model_cfg)
+    for key, value in (("img_size", dataset.img_size), ("in_chans", dataset.in_chans),
+                       ("num_classes", dataset.num_classes)):
+        if filled.get(key) is None:
+            filled[key] = value
+    if filled["in_chans"] != dataset.in_chans:
+        raise ConfigError("model.in_chans", f"is {filled['in_chans']} but data {dataset.name!r} has {dataset.in_chans} channels")
+    if filled["img_size"] != dataset.img_size:
+        raise ConfigError("model.img_size", f"is {filled['img_size']} but data {dataset.name!r} images are {dataset.img_size}px")
+    return filled
+
+
+def prepare(cfg: Any, dataset=None) -> Prepared:
+    """Validate, load data (unless given), build the model and count its cost, all before any training."""
+    import torch
+
+    from pitsearch.data import load_dataset
+    from pitsearch.models import build_model, resolve_model_config
+    from pitsearch.profile import model_stats
+    from pitsearch.train import resolve_device
+
+    cfg = to_container(cfg)
+    validate_config(cfg)
+    device = resolve_device(cfg["train"].get("device"))
+    if cfg["train"].get("threads") and device.type == "cpu":
+        torch.set_num_threads(int(cfg["train"]["threads"]))
+    if dataset is None:
+        dataset = load_dataset(cfg["data"], device=device)
+    cfg["model"] = resolve_model_config(fill_model_from_data(cfg["model"], dataset))
+    torch.manual_seed(int(cfg["train"]["seed"]))  # model init depends on the seed only
+    model = build_model(cfg["model"])
+    stats = model_stats(model, cfg["model"]["img_size"])
+    return Prepared(cfg=cfg, model=model.to(device), dataset=dataset, stats=stats)
+
+
+def run_tags(cfg: Mapping[str, Any], dataset) -> dict[str, Any]:
+    """Tags the MLflow UI can group and filter by."""
+    return {
+        "model": cfg["model"].get("name") or "custom",
+        "pool": cfg["model"]["pool"],
+        "dataset": dataset.name,
+        "seed": cfg["train"]["seed"],
+        "synthetic_data": str(bool(dataset.synthetic)).lower(),
+    }
+
+
+def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, parent_run_id: str | None = None,
+                   run_name: str | None = None, tags: Mapping[str, Any] | None = None,
+                   callbacks: Iterable[EpochCallback] = (), console=None) -> ExperimentResult:
+    """Train once and log everything. Returns; only KeyboardInterrupt propagates (after ending the run)."""
+    from pitsearch.train import TrainResult, train_model
+
+    started = time.perf_counter()
+    prepared = prepared or prepare(cfg)
+    cfg = prepared.cfg
+    result = ExperimentResult(state="RUNNING", stats=prepared.stats, cfg=cfg)
+    run_id = None
+    if tracker is not None:
+        all_tags = {**run_tags(cfg, prepared.dataset), **(tags or {})}
+        run_id = tracker.start_run(run_name=run_name or cfg.get("tracking", {}).get("run_name"), tags=all_tags,
+                                   parent_run_id=parent_run_id)
+        result.run_id = run_id
+        _log_start(tracker, run_id, cfg, prepared.stats)
+
+    def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
+        if tracker is not None:
+            tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
+
+    train = TrainResult()
+    try:
+        train_model(prepared.model, prepared.dataset, cfg["train"], cfg["data"].get("aug"),
+                    callbacks=[log_epoch, *callbacks], console=console, result=train)
+        result.state = "COMPLETE"
+    except StopRun as stop:
+        result.state, result.reason = stop.state, stop.reason
+    except KeyboardInterrupt:
+        result.state, result.reason = "FAILED", "interrupted (Ctrl-C)"
+        _log_end(tracker, run_id, result, train)
+        raise
+    except Exception as error:  # noqa: BLE001 - a failed run is recorded, not fatal to a sweep
+        result.state, result.reason = "FAILED", f"{type(error).__name__}: {error}"
+        if _is_cuda_oom(error):
+            _release_cuda_memory()
+    result.wall_seconds = time.perf_counter() - started
+    _log_end(tracker, run_id, result, train)
+    return result
+
+
+def _log_start(tracker, run_id: str, cfg: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+    import yaml
+
+    from pitsearch.tracking import flatten
+
+    params = {k: v for k, v in flatten(cfg).items() if not k.startswith(("hydra.", "sweep."))}
+    params.update({"model.params_count": stats["params"], "model.macs": stats["macs"]})
+    tracker.log_params(run_id, params)
+    tracker.log_metrics(run_id, {"model/params": stats["params"], "model/macs": stats["macs"]}, step=0)
+    tracker.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")
+    tracker.log_json(run_id, stats, "model_stats.json")
+
+
+def _log_end(tracker, run_id, result: ExperimentResult, train) -> None:
+    result.history = train.history
+    result.train_seconds, result.eval_seconds = train.train_seconds, train.eval_seconds
+    if tracker is None or run_id is None:
+        return
+    from pitsearch.plots import run_curves_figure
+
+    tags = {"state": result.state}
+    if result.reason:
+        tags["reason"] = result.reason[:5000]
+    tracker.set_tags(run_id, tags)
+    if result.history and any(result.history.values()):
+        import matplotlib.pyplot as plt
+
+        figure = run_curves_figure({"run": result.history})
+        tracker.log_figure(run_id, figure, "curves.png")
+        plt.close(figure)
+    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(result.state, "FAILED")
+    tracker.end_run(run_id, status=status)
+
+
+def _is_cuda_oom(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(error)
+
+
+def _release_cuda_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_single(cfg: Any) -> ExperimentResult:
+    """`python -m pitsearch`: validate, train once, log to MLflow, print the result and where to see it."""
+    from rich.console import Console
+
+    from pitsearch.search.storage import mask_url
+    from pitsearch.tracking import Tracker
+
+    console = Console(stderr=True)
+    prepared = prepare(cfg)  # every config error surfaces here, before a run exists
+    cfg = prepared.cfg
+    stats = prepared.stats
+    console.print(f"model {cfg['model'].get('name') or 'custom'} (pool={cfg['model']['pool']}): "
+                  f"{stats['params']:,} params, {stats['macs'] / 1e6:.2f} M MACs, grids "
+                  f"{' -> '.join(s['grid'] for s in stats['stages'])}; data {prepared.dataset.name}: "
+                  f"{len(prepared.dataset.train_y)} train / {len(prepared.dataset.val_y)} val; "
+                  f"device {prepared.dataset.train_x.device}")
+    tracker = Tracker.from_config(cfg["tracking"]) if cfg.get("tracking", {}).get("enabled", True) else None
+    result = run_experiment(cfg, prepared=prepared, tracker=tracker, console=console)
+    final = result.final
+    console.print(f"{result.state}: val/acc_best {final.get('val/acc_best', float('nan')):.4f}, "
+                  f"train {result.train_seconds:.1f}s + eval {result.eval_seconds:.1f}s, "
+                  f"wall {result.wall_seconds:.1f}s" + (f" ({result.reason})" if result.reason else ""))
+    if tracker is not None:
+        console.print(f"MLflow run {result.run_id} in {mask_url(tracker.uri)}")
+        if tracker.uri.startswith("sqlite:///"):
+            console.print(f"browse: mlflow ui --backend-store-uri {tracker.uri}  then open "
+                          f"http://127.0.0.1:5000/{tracker.run_url(result.run_id)}")
+    if result.state == "FAILED":
+        raise SystemExit(1)
+    return result

@@ -1,0 +1,262 @@
+"""`python -m pitsearch +sweep=NAME`: set up (or resume) the study and its MLflow parent run, run the workers,
+keep the parent's summary fresh, report at the end.
+
+Order matters: the whole sweep file is validated, then the MLflow store, the experiment, the study and the
+parent run are created once, here, before any worker starts (SQLite and racing creators do not mix).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from typing import Any
+
+from pitsearch.experiment import to_container, validate_config
+from pitsearch.search.compose import TrialComposer
+from pitsearch.search.spec import SweepSpec, parse_sweep
+from pitsearch.search.worker import WorkerContext, budget_reached, run_worker, worker_process_main
+from pitsearch.search.storage import mask_url
+from pitsearch.tracking import flatten
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"
+
+
+def config_paths(cfg: dict[str, Any]) -> list[str]:
+    """Every path a search space may name: leaves and sections of the composed config (groups included)."""
+    paths = set()
+    for path in flatten({k: v for k, v in cfg.items() if k not in ("hydra", "sweep")}):
+        parts = path.split(".")
+        paths.update(".".join(parts[:i]) for i in range(1, len(parts) + 1))
+    return sorted(paths)
+
+
+def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]:
+    from rich.console import Console
+
+    from pitsearch.tracking import Tracker
+
+    console = Console(stderr=True)
+    base_dir = os.getcwd()
+    composer = composer or TrialComposer.from_hydra()
+    cfg = to_container(cfg)
+    known = config_paths(cfg)
+    spec = parse_sweep(cfg["sweep"], known_paths=known, base_dir=base_dir)
+    validate_config(cfg)
+    # Every trial override must compose: a typo in the space fails now, not in trial 7.
+    for overrides in spec.space.example_overrides():
+        composer.compose(overrides)
+
+    spec.output_dir.mkdir(parents=True, exist_ok=True)
+    tracking_cfg = dict(cfg.get("tracking") or {})
+    tracker = Tracker.from_config(tracking_cfg, base_dir) if tracking_cfg.get("enabled", True) else None
+    study = _open_or_create_study(spec)
+    _requeue_lost_trials(study, console)
+    parent_run_id = _ensure_parent_run(study, spec, tracker, cfg) if tracker else None
+
+    if budget_reached(study, spec) and not _running(study):
+        console.print(f"study {spec.study_name!r} is complete: {_finished(study)}/{spec.n_trials} trials finished; "
+                      "nothing to train")
+        summary = _finish(study, spec, tracker, parent_run_id, console, interrupted=False, trained=False)
+        return summary
+
+    console.print(f"sweep {spec.study_name!r}: {spec.n_trials} trials, {spec.n_workers} worker(s), storage "
+                  f"{mask_url(str(spec.storage or spec.output_dir / 'optuna-journal.log'))}")
+    contexts = _worker_contexts(spec, composer, cfg, known, base_dir, tracking_cfg, parent_run_id)
+    monitor = _Monitor(study, spec, tracker, parent_run_id, console)
+    monitor.start()
+    interrupted = False
+    try:
+        if len(contexts) == 1:
+            run_worker(contexts[0], emit=console.print)
+        else:
+            _run_processes(contexts, console)
+    except KeyboardInterrupt:
+        interrupted = True
+        console.print("interrupted: the running trial is marked and will run again when this command is repeated")
+    finally:
+        monitor.stop()
+    return _finish(study, spec, tracker, parent_run_id, console, interrupted=interrupted, trained=True)
+
+
+def _open_or_create_study(spec: SweepSpec):
+    from pitsearch.search.storage import make_storage
+    from pitsearch.search.study import load_or_create_study, make_pruner, make_sampler
+
+    storage = make_storage(spec.storage, spec.output_dir)
+    return load_or_create_study(spec.study_name, storage, make_sampler(spec.sampler, spec.space, len(spec.objectives)),
+                                make_pruner(spec.pruner, len(spec.objectives)), spec.directions)
+
+
+def _requeue_lost_trials(study, console) -> None:
+    """Trials whose worker died (killed, power loss) are failed, and their cells queued to run again.
+    (A Ctrl-C'd trial was already failed and queued by its worker.)"""
+    from pitsearch.search.trials import fail_stale_running
+
+    for trial in fail_stale_running(study):
+        console.print(f"trial {trial.number} was left RUNNING by a dead worker: marked FAIL, queued again")
+
+
+def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any]) -> str:
+    """The study's one parent run: found through the study's user attributes, created if missing."""
+    import yaml
+
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id and _run_exists(tracker, run_id):
+        tracker.client.update_run(run_id, status="RUNNING")
+        return run_id
+    run_id = tracker.start_run(run_name=spec.study_name, tags={
+        "pitsearch.kind": "sweep", "sweep": spec.study_name, "n_trials": spec.n_trials,
+        "objectives": ", ".join(f"{m} ({d})" for m, d in spec.objectives),
+        "sampler": spec.sampler["name"], "pruner": spec.pruner["name"],
+        "storage": mask_url(str(spec.storage or spec.output_dir / "optuna-journal.log")),
+        "mlflow.note.content": (f"Sweep `{spec.study_name}`: one child run per trial. In the runs table use "
+                                "*Group by* on a swept tag (e.g. `model.pool`) to see each variant's mean curve "
+                                "over seeds; `summary.md` and the report are this run's artifacts."),
+    })
+    study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    time.sleep(0.2)  # another machine may have raced us: the study's value wins, ours is dropped
+    winner = study.user_attrs.get(PARENT_RUN_ATTR)  # a fresh read of the storage
+    if winner != run_id and winner and _run_exists(tracker, winner):
+        tracker.client.delete_run(run_id)
+        return winner
+    study.set_user_attr("mlflow_tracking_uri", mask_url(tracker.uri))
+    study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
+    tracker.log_text(run_id, yaml.safe_dump(spec.raw, sort_keys=False), "sweep.yaml")
+    tracker.log_json(run_id, spec.space.describe(), "search_space.json")
+    tracker.log_text(run_id, yaml.safe_dump({k: v for k, v in cfg.items() if k != "hydra"}, sort_keys=False),
+                     "base_config.yaml")
+    tracker.log_params(run_id, {f"sweep.{k}": v for k, v in flatten(spec.raw).items()})
+    return run_id
+
+
+def _run_exists(tracker, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return tracker.client.get_run(run_id).info.lifecycle_stage == "active"
+    except MlflowException:
+        return False
+
+
+def _worker_contexts(spec: SweepSpec, composer, cfg, known, base_dir, tracking_cfg, parent_run_id) -> list[WorkerContext]:
+    import torch
+
+    contexts = []
+    gpus = torch.cuda.device_count() if cfg["train"].get("device", "auto") in ("auto", "cuda") else 0
+    threads = max(1, (os.cpu_count() or 1) // spec.n_workers)
+    for index in range(spec.n_workers):
+        extra = []
+        if gpus:
+            extra.append(f"train.device=cuda:{index % gpus}")  # pinned: no two workers race for a device
+        elif spec.n_workers > 1:
+            extra.append(f"train.threads={threads}")  # split the cores; recorded in each trial's config
+            extra.append("train.progress=false")
+        contexts.append(WorkerContext(composer=composer, sweep_node=spec.raw, known_paths=known, base_dir=base_dir,
+                                      tracking=tracking_cfg, parent_run_id=parent_run_id, worker_index=index,
+                                      extra_overrides=extra))
+    return contexts
+
+
+def _run_processes(contexts: list[WorkerContext], console) -> None:
+    import multiprocessing as mp
+    import queue as queue_module
+
+    spawn = mp.get_context("spawn")
+    lines = spawn.Queue()
+    processes = [spawn.Process(target=worker_process_main, args=(ctx, lines), name=f"pitsearch-worker-{ctx.worker_index}")
+                 for ctx in contexts]
+    for process in processes:
+        process.start()
+    try:
+        while any(p.is_alive() for p in processes) or not lines.empty():
+            try:
+                console.print(lines.get(timeout=0.5))
+            except queue_module.Empty:
+                pass
+    except KeyboardInterrupt:
+        for process in processes:  # they got SIGINT too; give them time to mark their trials
+            process.join(timeout=30)
+        raise
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=10)
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
+
+
+def _running(study) -> int:
+    from optuna.trial import TrialState
+
+    return sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
+
+
+class _Monitor:
+    """Polls the study: a progress bar (done / budget, best so far) and the parent run's live summary."""
+
+    def __init__(self, study, spec: SweepSpec, tracker, parent_run_id, console, interval_s: float = 2.0):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.study, self.spec, self.tracker, self.parent_run_id = study, spec, tracker, parent_run_id
+        self.interval_s = interval_s
+        self.bar = Progress(TextColumn(f"sweep {spec.study_name}"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console)
+        self.task = self.bar.add_task("trials", total=spec.n_trials, best="")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._last_finished = -1
+
+    def start(self) -> None:
+        self.bar.start()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+        self.refresh()
+        self.bar.stop()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            try:
+                self.refresh()
+            except Exception:  # noqa: BLE001 - a monitor hiccup (e.g. a locked store) must not stop the sweep
+                pass
+
+    def refresh(self) -> None:
+        from pitsearch.search.summary import best_text, log_parent_summary
+
+        finished = _finished(self.study)
+        self.bar.update(self.task, completed=min(finished, self.spec.n_trials), best=best_text(self.study, self.spec))
+        if finished != self._last_finished and self.tracker is not None:
+            log_parent_summary(self.study, self.spec, self.tracker, self.parent_run_id)
+        self._last_finished = finished
+
+
+def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted: bool, trained: bool) -> dict[str, Any]:
+    from pitsearch.search.summary import log_parent_summary, print_summary
+
+    summary = print_summary(study, spec, console)
+    if tracker is not None:
+        log_parent_summary(study, spec, tracker, parent_run_id)
+    complete = budget_reached(study, spec) and not _running(study)
+    if complete and spec.report and trained:
+        from pitsearch.report import write_report
+
+        write_report(study, spec, tracker=tracker, parent_run_id=parent_run_id, console=console)
+    if tracker is not None:
+        # An unfinished sweep's parent is KILLED; resuming sets it RUNNING again.
+        tracker.end_run(parent_run_id, status="FINISHED" if complete and not interrupted else "KILLED")
+        console.print(f"MLflow parent run {parent_run_id} ({spec.study_name}) in {mask_url(tracker.uri)}")
+        if tracker.uri.startswith("sqlite:///"):
+            console.print(f"browse: mlflow ui --backend-store-uri {tracker.uri}  then open "
+                          f"http://127.0.0.1:5000/{tracker.run_url(parent_run_id)} ; in the experiment's runs "
+                          "table, Group by the swept tag (e.g. model.pool)")
+    summary["interrupted"] = interrupted
+    return summary

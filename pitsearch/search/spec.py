@@ -1,0 +1,120 @@
+"""The `sweep:` node of a sweep file, parsed and checked before any study or run exists."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from pitsearch.errors import ConfigError
+
+SWEEP_KEYS = {
+    "study_name": "name of the Optuna study (and the MLflow parent run)",
+    "objectives": "list of {metric, direction}",
+    "sampler": "{name: grid|tpe|random|nsga2|gp|bruteforce, ...kwargs}",
+    "pruner": "{name: none|median|percentile|hyperband|successive_halving|threshold, ...kwargs}",
+    "n_trials": "total finished (complete + pruned) trials across all invocations; null = grid size",
+    "storage": "null (journal file in output_dir), a journal file path, or an Optuna storage URL",
+    "n_workers": "worker processes on this machine",
+    "seeds": "list of seeds: an axis of the search space (train.seed)",
+    "space": "the search space: {config.path: {choices|low/high/step/log/type, when}}",
+    "budget": "{max_macs, max_params}: configs over budget fail without training",
+    "baseline": "{config.path: value} the variant that reports compare against",
+    "output_dir": "where the journal, logs and reports go; null = <cwd>/pitsearch-sweeps/<study_name>",
+    "max_failures": "stop after this many failed trials in one invocation; null = max(10, n_trials)",
+    "report": "write the report when the sweep ends (true/false)",
+}
+STATIC_METRICS = ("macs", "params")  # objectives known before training
+
+
+@dataclass
+class SweepSpec:
+    study_name: str
+    objectives: list[tuple[str, str]]
+    sampler: dict[str, Any]
+    pruner: dict[str, Any]
+    n_trials: int
+    storage: Any
+    n_workers: int
+    space: Any                      # pitsearch.search.space.SearchSpace
+    output_dir: Path
+    budget: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    max_failures: int = 10
+    report: bool = True
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def directions(self) -> list[str]:
+        return [direction for _, direction in self.objectives]
+
+    @property
+    def prunable(self) -> bool:
+        return len(self.objectives) == 1 and self.objectives[0][0] not in STATIC_METRICS
+
+
+def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path | None = None) -> SweepSpec:
+    """Validate the whole `sweep:` node; every error names its key (e.g. `sweep.sampler.name`)."""
+    from pitsearch.search.space import parse_space
+    from pitsearch.search.study import make_pruner, make_sampler, parse_objectives
+
+    if not isinstance(node, Mapping):
+        raise ConfigError("sweep", "must be a mapping (did the sweep file forget `sweep:`?)")
+    unknown = sorted(set(node) - set(SWEEP_KEYS))
+    if unknown:
+        raise ConfigError(f"sweep.{unknown[0]}", f"unknown key; valid: {', '.join(SWEEP_KEYS)}")
+    study_name = node.get("study_name")
+    if not isinstance(study_name, str) or not study_name.strip():
+        raise ConfigError("sweep.study_name", "must be a non-empty string")
+    if any(ch in study_name for ch in "/\\ "):
+        raise ConfigError("sweep.study_name", f"{study_name!r}: no spaces or slashes (it names a folder)")
+    objectives = parse_objectives(node.get("objectives"))
+    seeds = node.get("seeds")
+    if seeds is not None and (not isinstance(seeds, (list, tuple)) or not seeds
+                              or not all(isinstance(s, int) for s in seeds)):
+        raise ConfigError("sweep.seeds", f"must be a non-empty list of integers, got {seeds!r}")
+    space = parse_space(node.get("space") or {}, seeds=list(seeds) if seeds else None, known_paths=known_paths)
+    sampler_cfg = _named(node.get("sampler") or {"name": "tpe"}, "sampler")
+    pruner_cfg = _named(node.get("pruner") or {"name": "none"}, "pruner")
+    make_sampler(sampler_cfg, space, len(objectives))  # built here only to surface config errors early
+    make_pruner(pruner_cfg, len(objectives))
+
+    n_trials = node.get("n_trials")
+    if n_trials is None:
+        if sampler_cfg["name"] not in ("grid", "bruteforce"):
+            raise ConfigError("sweep.n_trials", f"is required with the {sampler_cfg['name']} sampler")
+        n_trials = space.grid_size
+    if not isinstance(n_trials, int) or n_trials <= 0:
+        raise ConfigError("sweep.n_trials", f"must be a positive integer, got {n_trials!r}")
+    n_workers = node.get("n_workers", 1)
+    if not isinstance(n_workers, int) or n_workers <= 0:
+        raise ConfigError("sweep.n_workers", f"must be a positive integer, got {n_workers!r}")
+    budget = dict(node.get("budget") or {})
+    for key, value in budget.items():
+        if key not in ("max_macs", "max_params"):
+            raise ConfigError(f"sweep.budget.{key}", "unknown key; valid: max_macs, max_params")
+        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
+            raise ConfigError(f"sweep.budget.{key}", f"must be a positive number or null, got {value!r}")
+    baseline = dict(node.get("baseline") or {})
+    for path in baseline:
+        if path not in space.names:
+            raise ConfigError(f"sweep.baseline.{path}", f"is not a swept parameter; swept: {', '.join(space.names)}")
+    max_failures = node.get("max_failures") or max(10, n_trials)
+    if not isinstance(max_failures, int) or max_failures <= 0:
+        raise ConfigError("sweep.max_failures", f"must be a positive integer, got {max_failures!r}")
+    base = Path(base_dir or os.getcwd()).resolve()
+    output_dir = Path(node.get("output_dir") or base / "pitsearch-sweeps" / study_name)
+    output_dir = output_dir if output_dir.is_absolute() else (base / output_dir).resolve()
+    return SweepSpec(study_name=study_name, objectives=objectives, sampler=sampler_cfg, pruner=pruner_cfg,
+                     n_trials=n_trials, storage=node.get("storage"), n_workers=n_workers, space=space,
+                     output_dir=output_dir, budget=budget, baseline=baseline, max_failures=max_failures,
+                     report=bool(node.get("report", True)), raw=dict(node))
+
+
+def _named(node: Any, key: str) -> dict[str, Any]:
+    if isinstance(node, str):
+        node = {"name": node}
+    if not isinstance(node, Mapping) or not isinstance(node.get("name"), str):
+        raise ConfigError(f"sweep.{key}", f"must be a name or a mapping with `name`, got {node!r}")
+    return dict(node)

@@ -1,0 +1,141 @@
+"""A study as tables: one row per trial, and one per variant (seeds aggregated, mean and 95% CI).
+
+Everything is read from the Optuna study alone (params and user attributes), so a report can be made on any
+machine that reaches the storage. The parent MLflow run gets `summary.md` and `sweep/*` metrics, refreshed as
+trials finish.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+FINISHED_STATES = ("COMPLETE", "PRUNED")
+
+
+def trial_records(study) -> list[dict[str, Any]]:
+    """Plain rows: number, state, variant, seed, params, final metrics, cost, timings, reason."""
+    rows = []
+    for trial in study.get_trials(deepcopy=False):
+        if trial.state.name == "WAITING":
+            continue
+        attrs = trial.user_attrs
+        final = attrs.get("final") or {}
+        rows.append({
+            "number": trial.number, "state": trial.state.name, "variant": attrs.get("variant", ""),
+            "seed": attrs.get("seed"), "params": dict(trial.params), "values": list(trial.values or []),
+            "final": final, "history": attrs.get("history") or {},
+            "macs": attrs.get("macs"), "n_params": attrs.get("params"),
+            "img_per_s": final.get("perf/img_per_s"), "wall_seconds": attrs.get("wall_seconds"),
+            "train_seconds": attrs.get("train_seconds"), "eval_seconds": attrs.get("eval_seconds"),
+            "reason": attrs.get("fail_reason") or attrs.get("prune_reason") or "",
+            "mlflow_run_id": attrs.get("mlflow_run_id"),
+        })
+    return rows
+
+
+def mean_ci95(values) -> tuple[float, float, int]:
+    """(mean, half-width of the 95% t interval, n); half-width NaN below two values."""
+    from scipy import stats
+
+    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
+    n = len(data)
+    if n == 0:
+        return float("nan"), float("nan"), 0
+    if n == 1:
+        return float(data[0]), float("nan"), 1
+    half = data.std(ddof=1) / math.sqrt(n) * stats.t.ppf(0.975, n - 1)
+    return float(data.mean()), float(half), n
+
+
+def variant_rows(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
+    """One row per variant over its COMPLETE trials (pruned runs stopped early, so they are not averaged)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        if record["state"] == "COMPLETE":
+            groups.setdefault(record["variant"], []).append(record)
+    rows = []
+    for variant, group in groups.items():
+        mean, half, n = mean_ci95([r["final"].get(metric) for r in group])
+        rows.append({"variant": variant, "n": n, "mean": mean, "ci95": half,
+                     "macs": group[0]["macs"], "params": group[0]["n_params"],
+                     "seeds": sorted(r["seed"] for r in group if r["seed"] is not None)})
+    return rows
+
+
+def best_text(study, spec) -> str:
+    records = [r for r in trial_records(study) if r["state"] == "COMPLETE" and r["values"]]
+    if not records:
+        return ""
+    if len(spec.objectives) > 1:
+        return f"pareto front: {len(study.best_trials)} trial(s)"
+    metric, direction = spec.objectives[0]
+    pick = max if direction == "maximize" else min
+    best = pick(records, key=lambda r: r["values"][0])
+    return f"best {metric}={best['values'][0]:.4f} (trial {best['number']}, {best['variant']})"
+
+
+def summary_markdown(study, spec) -> str:
+    records = trial_records(study)
+    metric = spec.objectives[0][0]
+    counts = {state: sum(r["state"] == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
+    finished = counts["COMPLETE"] + counts["PRUNED"]
+    lines = [f"# Sweep `{spec.study_name}`", "",
+             f"{finished}/{spec.n_trials} finished: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
+             f"{counts['FAIL']} failed, {counts['RUNNING']} running. {best_text(study, spec)}", "",
+             f"## Variants ({metric}, mean and 95% CI over seeds)", "",
+             "| variant | n | mean | ±95% CI | MACs | params |", "|---|---|---|---|---|---|"]
+    for row in sorted(variant_rows(records, metric), key=lambda r: -r["mean"] if spec.directions[0] == "maximize" else r["mean"]):
+        lines.append(f"| {row['variant']} | {row['n']} | {row['mean']:.4f} | {_num(row['ci95'])} | "
+                     f"{_int(row['macs'])} | {_int(row['params'])} |")
+    lines += ["", "## Trials", "", "| # | state | variant | seed | " + " | ".join(m for m, _ in spec.objectives)
+              + " | wall s | reason |", "|---" * (6 + len(spec.objectives)) + "|"]
+    for r in records:
+        values = r["values"] or [None] * len(spec.objectives)
+        lines.append(f"| {r['number']} | {r['state']} | {r['variant']} | {r['seed']} | "
+                     + " | ".join(_num(v) for v in values) + f" | {_num(r['wall_seconds'], 1)} | {r['reason']} |")
+    return "\n".join(lines) + "\n"
+
+
+def log_parent_summary(study, spec, tracker, parent_run_id: str) -> None:
+    records = trial_records(study)
+    finished = [r for r in records if r["state"] in FINISHED_STATES]
+    tracker.log_text(parent_run_id, summary_markdown(study, spec), "summary.md")
+    metrics = {"sweep/finished": len(finished), "sweep/failed": sum(r["state"] == "FAIL" for r in records)}
+    complete = [r for r in records if r["state"] == "COMPLETE" and r["values"]]
+    if complete and len(spec.objectives) == 1:
+        pick = max if spec.directions[0] == "maximize" else min
+        metrics["sweep/best"] = pick(r["values"][0] for r in complete)
+    tracker.log_metrics(parent_run_id, metrics, step=len(finished))
+
+
+def print_summary(study, spec, console) -> dict[str, Any]:
+    from rich.table import Table
+
+    records = trial_records(study)
+    metric = spec.objectives[0][0]
+    table = Table(title=f"{spec.study_name}: {metric} by variant (mean ± 95% CI over seeds)")
+    for column in ("variant", "n", metric, "± CI95", "MACs", "params"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for row in variant_rows(records, metric):
+        table.add_row(row["variant"], str(row["n"]), f"{row['mean']:.4f}", _num(row["ci95"]), _int(row["macs"]),
+                      _int(row["params"]))
+    console.print(table)
+    counts = {state: sum(r["state"] == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
+    walls = [r["wall_seconds"] for r in records if r["wall_seconds"]]
+    overheads = [r["wall_seconds"] - r["train_seconds"] - r["eval_seconds"] for r in records
+                 if r["wall_seconds"] and r["train_seconds"] is not None and r["eval_seconds"] is not None]
+    console.print(f"trials: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, {counts['FAIL']} failed; "
+                  + (f"mean trial {np.mean(walls):.1f}s, mean overhead {np.mean(overheads):.2f}s; " if overheads else "")
+                  + best_text(study, spec))
+    return {"counts": counts, "records": records}
+
+
+def _num(value, digits: int = 4) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _int(value) -> str:
+    return "" if value is None else f"{int(value):,}"

@@ -1,0 +1,206 @@
+"""Trial bookkeeping shared by workers: telling results, counting the budget, finding trials whose worker
+died and queueing their cells again."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+
+import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.trial import FrozenTrial, TrialState
+
+from pitsearch.errors import ConfigError
+from pitsearch.search.space import SearchSpace
+
+FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def tell(
+    study: optuna.Study,
+    trial: optuna.Trial | int,
+    values: float | list[float] | None = None,
+    state: TrialState | None = None,
+) -> FrozenTrial:
+    """`study.tell` for ask/tell loops. GridSampler calls `study.stop()` after the last cell's tell,
+    which raises RuntimeError outside `study.optimize` although the trial is already recorded; that
+    one error is swallowed (the budget says when to stop)."""
+    try:
+        return study.tell(trial, values, state)
+    except RuntimeError as e:
+        if "Study.stop" not in str(e):
+            raise
+        number = trial if isinstance(trial, int) else trial.number
+        return study._storage.get_trial(
+            study._storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        )
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+
+def count_finished(study: optuna.Study) -> int:
+    """Trials that count toward the global budget: COMPLETE + PRUNED (FAIL ones are retried)."""
+    return len(study.get_trials(deepcopy=False, states=FINISHED_STATES))
+
+
+def count_running(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+
+
+def done_grid_cells(study: optuna.Study, space: SearchSpace) -> set[frozenset]:
+    """Cells (frozensets of (path, stored value)) that have a COMPLETE or PRUNED trial."""
+    paths = set(space.names)
+    return {
+        frozenset((k, v) for k, v in t.params.items() if k in paths)
+        for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)
+    }
+
+
+@dataclass(frozen=True)
+class StudyBudget:
+    """The budget across all invocations: `sweep.n_trials`, or (null) every cell of the grid once."""
+
+    n_trials: int | None
+    space: SearchSpace
+
+    def __post_init__(self) -> None:
+        if self.n_trials is None:
+            if self.space.grid_size is None:
+                raise ConfigError("sweep.n_trials", "required when the space has range parameters")
+        elif isinstance(self.n_trials, bool) or not isinstance(self.n_trials, int) or self.n_trials < 1:
+            raise ConfigError("sweep.n_trials", f"must be a positive integer or null, got {self.n_trials!r}")
+
+    @property
+    def total(self) -> int:
+        return self.n_trials if self.n_trials is not None else self.space.grid_size  # type: ignore[return-value]
+
+    def done(self, study: optuna.Study) -> int:
+        if self.n_trials is None:
+            return len(done_grid_cells(study, self.space))
+        return count_finished(study)
+
+    def remaining(self, study: optuna.Study, count_running_trials: bool = True) -> int:
+        """How many more trials to start; running ones are counted so that workers do not overshoot."""
+        running = count_running(study) if count_running_trials else 0
+        return max(0, self.total - self.done(study) - running)
+
+
+# ---------------------------------------------------------------------------------------------- stale trials
+
+
+# Per-run user attrs that a retry must not inherit (a retry with a dead worker's tag would look stale).
+PER_RUN_USER_ATTRS = ("worker", "fail_reason", "retry_of")
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def mark_worker(trial: optuna.Trial) -> None:
+    """Record which process runs this trial, right after `ask`; fail_stale_running relies on it."""
+    trial.set_user_attr("worker", worker_id())
+
+
+class RetryStaleTrialCallback(RetryHeartbeatStaleTrialCallback):
+    """Re-queue a failed trial as WAITING with the same params; the next `ask` (any worker) pops it.
+
+    Like Optuna's callback, it keeps retry_history, failed_trial and GridSampler's grid_id (so the grid
+    counts the cell as taken), but drops per-run user attrs and sets `user_attrs["retry_of"]`.
+    GridSampler counts FAIL as visited: without a re-queue a dead worker's cell never runs again.
+    """
+
+    def __init__(self, max_retry: int | None = 2) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            super().__init__(max_retry=max_retry, inherit_intermediate_values=False)
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        """Returns whether the trial was re-queued (False once its chain used up max_retry)."""
+        history = [*trial.system_attrs.get("retry_history", []), trial.number]
+        if self._max_retry is not None and len(history) > self._max_retry:
+            return False
+        study.add_trial(optuna.create_trial(
+            state=TrialState.WAITING,
+            params=trial.params,
+            distributions=trial.distributions,
+            user_attrs={**{k: v for k, v in trial.user_attrs.items() if k not in PER_RUN_USER_ATTRS},
+                        "retry_of": trial.number},
+            system_attrs={**trial.system_attrs, "failed_trial": history[0], "retry_history": history},
+        ))
+        return True
+
+
+def fail_stale_running(
+    study: optuna.Study, older_than_s: float | None = None, max_retry: int | None = 2
+) -> list[FrozenTrial]:
+    """Mark RUNNING trials left by dead workers FAIL and re-queue them; returns the failed trials.
+
+    A trial is stale when its `user_attrs["worker"]` (`host:pid`) names this host and that pid is gone.
+    Trials of other hosts are left to the RDB heartbeat (checked here too), unless `older_than_s` is
+    given: then a trial whose liveness cannot be checked here and which started longer ago is failed too.
+    A trial of a live local pid is never touched. Each failed trial is re-queued (same params, same grid
+    cell) up to `max_retry` times in its retry chain; 0 disables that.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # no-op unless an RDB heartbeat is configured
+    host = socket.gethostname()
+    now = time.time()
+    retry = RetryStaleTrialCallback(max_retry)
+    failed = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        reason = _stale_reason(t, host, now, older_than_s)
+        if reason is not None and _fail(study, t, reason):
+            failed.append(study._storage.get_trial(t._trial_id))
+            retry(study, failed[-1])
+    return failed
+
+
+def requeue_failed(study: optuna.Study, space: SearchSpace, max_retry: int | None = 2) -> list[int]:
+    """Re-queue FAIL trials (crashes, OOM) not yet retried and whose cell is not done; returns their numbers."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
+    retried |= {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
+    done = done_grid_cells(study, space)
+    retry = RetryStaleTrialCallback(max_retry)
+    requeued = []
+    for t in trials:
+        if t.state == TrialState.FAIL and t.number not in retried:
+            cell = frozenset((k, v) for k, v in t.params.items() if k in space.names)
+            if cell not in done and retry(study, t):
+                requeued.append(t.number)
+    return requeued
+
+
+def _stale_reason(t: FrozenTrial, host: str, now: float, older_than_s: float | None) -> str | None:
+    worker = t.user_attrs.get("worker")
+    w_host, _, w_pid = str(worker).rpartition(":") if worker else ("", "", "")
+    if w_host == host and w_pid.isdigit():
+        return None if _pid_alive(int(w_pid)) else f"worker {w_pid} died"
+    if older_than_s is not None and t.datetime_start is not None:
+        age = now - t.datetime_start.timestamp()
+        if age > older_than_s:
+            return f"worker {worker or 'unknown'} unseen for {age:.0f}s (> {older_than_s:g}s)"
+    return None
+
+
+def _fail(study: optuna.Study, t: FrozenTrial, reason: str) -> bool:
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(t._trial_id, "fail_reason", reason)
+        return storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return False  # it finished, or another worker failed it, meanwhile
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    return True

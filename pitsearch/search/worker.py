@@ -1,0 +1,219 @@
+"""A sweep worker: ask a trial, compose its config, check its cost, train, tell. Repeat until the budget is met.
+
+A worker is long-lived: imports, the CUDA context and the data upload are paid once, and trials run in-process
+one after another. Whatever goes wrong inside a trial (bad config, over budget, NaN, out of memory, any
+exception) ends that trial with its reason recorded; only Ctrl-C stops the worker, after marking the trial.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from pitsearch.errors import ConfigError
+from pitsearch.search.compose import TrialComposer
+from pitsearch.search.trials import RetryStaleTrialCallback, mark_worker, tell
+from pitsearch.train import StopRun
+
+
+
+@dataclass
+class WorkerContext:
+    """Plain data, so a spawned process (or another machine) rebuilds the same worker."""
+
+    composer: TrialComposer
+    sweep_node: dict[str, Any]
+    known_paths: list[str]
+    base_dir: str
+    tracking: dict[str, Any]
+    parent_run_id: str | None
+    worker_index: int = 0
+    extra_overrides: list[str] = field(default_factory=list)   # e.g. train.threads=1, train.device=cuda:1
+
+
+def open_study(spec, worker_index: int = 0):
+    import optuna
+
+    from pitsearch.search.storage import make_storage
+    from pitsearch.search.study import make_pruner, make_sampler
+
+    storage = make_storage(spec.storage, spec.output_dir)
+    return optuna.load_study(study_name=spec.study_name, storage=storage,
+                             sampler=make_sampler(spec.sampler, spec.space, len(spec.objectives),
+                                                  worker_index=worker_index),
+                             pruner=make_pruner(spec.pruner, len(spec.objectives)))
+
+
+def budget_reached(study, spec) -> bool:
+    """True when nothing is left for this worker to start (finished trials meet `n_trials`, or the grid is
+    fully handed out); trials other workers are still running count as handed out."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+    running = sum(t.state == TrialState.RUNNING for t in trials)
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    if finished >= spec.n_trials:
+        return True
+    if waiting:
+        return False
+    if finished + running >= spec.n_trials:
+        return True
+    if spec.sampler["name"] == "grid":
+        grid = spec.space.grid()
+        handed_out = {_grid_cell(t.params, grid) for t in trials if t.state != TrialState.WAITING}
+        return handed_out >= {_grid_cell(dict(zip(grid, combo)), grid) for combo in itertools.product(*grid.values())}
+    return False
+
+
+def _grid_cell(params: dict[str, Any], grid: dict[str, list]) -> tuple:
+    """A grid cell as a hashable key over Optuna's stored (encoded) parameter values."""
+    return tuple(json.dumps(params.get(name), sort_keys=True, default=str) for name in grid)
+
+
+def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print) -> dict[str, int]:
+    """The worker loop. Returns counts of trial states it produced."""
+    from pitsearch.search.spec import parse_sweep
+    from pitsearch.tracking import Tracker
+
+    spec = parse_sweep(ctx.sweep_node, known_paths=ctx.known_paths, base_dir=ctx.base_dir)
+    study = open_study(spec, ctx.worker_index)
+    tracker = Tracker.from_config(ctx.tracking, ctx.base_dir) if ctx.tracking.get("enabled", True) else None
+    datasets: dict[str, Any] = {}
+    counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
+    while counts["FAIL"] < spec.max_failures and not budget_reached(study, spec):
+        trial = study.ask()
+        state = _run_trial(trial, study, spec, ctx, tracker, datasets, emit)
+        counts[state] = counts.get(state, 0) + 1
+    if counts["FAIL"] >= spec.max_failures:
+        emit(f"worker {ctx.worker_index}: stopping after {counts['FAIL']} failed trials (sweep.max_failures)")
+    return counts
+
+
+def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) -> str:
+    from optuna.trial import TrialState
+
+    from pitsearch.experiment import prepare, run_experiment
+
+    started = time.perf_counter()
+    mark_worker(trial)  # lets a later run tell a dead worker's trial from a live one
+    values = spec.space.suggest(trial)
+    variant = spec.space.variant_key(values)
+    trial.set_user_attr("variant", variant)
+    tags = {"sweep": spec.study_name, "trial_number": trial.number, "variant": variant,
+            **{path: _tag_value(value) for path, value in values.items()}}
+    run_name = f"{spec.study_name}-{trial.number:04d}"
+    try:
+        cfg = ctx.composer.compose(spec.space.to_overrides(values) + ctx.extra_overrides)
+        trial.set_user_attr("seed", cfg["train"]["seed"])
+        data_key = json.dumps([cfg["data"], cfg["train"].get("device")], sort_keys=True, default=str)
+        prepared = prepare(cfg, dataset=datasets.get(data_key))
+        datasets[data_key] = prepared.dataset
+        stats = prepared.stats
+        trial.set_user_attr("config", prepared.cfg)
+        trial.set_user_attr("macs", stats["macs"])
+        trial.set_user_attr("params", stats["params"])
+        _check_budget(stats, spec.budget)
+    except ConfigError as error:
+        return _fail_untrained(trial, study, spec, tracker, ctx, run_name, tags, str(error), started, emit)
+
+    objective_metric = spec.objectives[0][0]
+
+    def report_and_prune(epoch: int, metrics: dict[str, float]) -> None:
+        if not spec.prunable or objective_metric not in metrics:
+            return
+        value = metrics[objective_metric]
+        if value == value:  # NaN is never reported: a diverged run is stopped by the trainer itself
+            trial.report(value, epoch)
+        if trial.should_prune():
+            raise StopRun(f"pruned at epoch {epoch} ({objective_metric}={value:.4f})", state="PRUNED")
+
+    try:
+        result = run_experiment(prepared.cfg, prepared=prepared, tracker=tracker, parent_run_id=ctx.parent_run_id,
+                                run_name=run_name, tags=tags, callbacks=[report_and_prune])
+    except KeyboardInterrupt:
+        trial.set_user_attr("fail_reason", "interrupted")
+        frozen = tell(study, trial, state=TrialState.FAIL)
+        RetryStaleTrialCallback(max_retry=None)(study, frozen)
+        emit(f"trial {trial.number:4d} interrupted: marked FAIL and queued to run again on resume")
+        raise
+    finally:
+        del prepared  # nothing of a finished trial may stay alive in a long-lived worker
+        gc.collect()
+
+    wall = time.perf_counter() - started
+    final = result.final
+    trial.set_user_attr("mlflow_run_id", result.run_id)
+    trial.set_user_attr("history", result.history)
+    trial.set_user_attr("final", final)
+    trial.set_user_attr("train_seconds", result.train_seconds)
+    trial.set_user_attr("eval_seconds", result.eval_seconds)
+    trial.set_user_attr("wall_seconds", wall)
+    if result.reason:
+        trial.set_user_attr("fail_reason" if result.state == "FAILED" else "prune_reason", result.reason)
+    if result.state == "COMPLETE":
+        objective_values = [_objective_value(name, final, stats) for name, _ in spec.objectives]
+        state = tell(study, trial, values=objective_values).state
+    else:
+        state = tell(study, trial, state=TrialState.PRUNED if result.state == "PRUNED" else TrialState.FAIL).state
+    if tracker is not None and result.run_id:
+        tracker.set_tags(result.run_id, {"trial_state": state.name})
+    overhead = wall - result.train_seconds - result.eval_seconds
+    shown = ", ".join(f"{name}={_fmt(_objective_value(name, final, stats))}" for name, _ in spec.objectives)
+    emit(f"trial {trial.number:4d} {state.name:8s} {variant} seed={cfg['train']['seed']}  {shown}  "
+         f"{wall:.1f}s (overhead {overhead:.1f}s)" + (f"  [{result.reason}]" if result.reason else ""))
+    return state.name
+
+
+def _check_budget(stats: dict[str, Any], budget: dict[str, Any]) -> None:
+    for key, stat in (("max_macs", "macs"), ("max_params", "params")):
+        limit = budget.get(key)
+        if limit is not None and stats[stat] > limit:
+            raise ConfigError(f"sweep.budget.{key}", f"over budget: {stat} {stats[stat]:,} > {int(limit):,}")
+
+
+def _fail_untrained(trial, study, spec, tracker, ctx, run_name, tags, reason, started, emit) -> str:
+    """A config that cannot or must not train: failed with its reason, visible in MLflow too."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("fail_reason", reason)
+    if tracker is not None:
+        run_id = tracker.start_run(run_name=run_name, tags={**tags, "state": "FAILED", "reason": reason[:5000],
+                                                            "trial_state": "FAIL"},
+                                   parent_run_id=ctx.parent_run_id)
+        tracker.end_run(run_id, status="FAILED")
+        trial.set_user_attr("mlflow_run_id", run_id)
+    tell(study, trial, state=TrialState.FAIL)
+    emit(f"trial {trial.number:4d} FAIL     {tags['variant']}  {time.perf_counter() - started:.1f}s  [{reason}]")
+    return "FAIL"
+
+
+def _objective_value(name: str, final: dict[str, float], stats: dict[str, Any]) -> float:
+    if name in ("macs", "params"):
+        return float(stats[name])
+    return float(final.get(name, float("nan")))
+
+
+def _fmt(value: float) -> str:
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4f}"
+
+
+def _tag_value(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+def worker_process_main(ctx: WorkerContext, queue) -> None:
+    """Entry of a spawned worker process: its lines go to the parent, which prints them."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run_worker(ctx, emit=queue.put)
+    except KeyboardInterrupt:
+        pass
+    except ConfigError as error:
+        queue.put(f"error: {error}")

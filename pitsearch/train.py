@@ -1,0 +1,240 @@
+"""The short-run training loop: one model, one dataset held on the device, per-epoch metrics to callbacks.
+
+Reads top to bottom like nanoGPT's loop. Batches are index slices of a per-epoch permutation of tensors that
+already live on the training device; running sums stay on the device and are read once per epoch, so a GPU
+step never waits on the host. The only extension point is the per-epoch callback list.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from pitsearch.errors import ConfigError
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+# Order in which per-epoch metrics are printed and logged.
+METRIC_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "gen/gap", "lr",
+               "time/epoch_s", "perf/img_per_s")
+
+
+class StopRun(Exception):
+    """Raised by a callback to end a run early; `state` says how the run ends (e.g. PRUNED)."""
+
+    def __init__(self, reason: str, state: str = "PRUNED"):
+        super().__init__(reason)
+        self.reason = reason
+        self.state = state
+
+
+class Diverged(StopRun):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason, state="PRUNED")
+
+
+@dataclass
+class TrainResult:
+    history: dict[str, list[float]] = field(default_factory=dict)
+    train_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    epochs_run: int = 0
+
+    @property
+    def final(self) -> dict[str, float]:
+        return {k: v[-1] for k, v in self.history.items() if v}
+
+
+def resolve_device(name: str | None) -> torch.device:
+    name = (name or "auto").strip()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError("train.device", f"{name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device", f"{name!r} asked for, but CUDA is not available on this machine")
+    return device
+
+
+def validate_train_config(cfg: Mapping[str, Any]) -> None:
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if not isinstance(cfg.get(key), int) or cfg[key] <= 0:
+            raise ConfigError(f"train.{key}", f"must be a positive integer, got {cfg.get(key)!r}")
+    for key in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "grad_clip", "min_lr", "warmup_lr"):
+        value = cfg.get(key)
+        if not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
+            raise ConfigError(f"train.{key}", f"must be a finite number >= 0, got {value!r}")
+    if cfg["lr"] <= 0:
+        raise ConfigError("train.lr", f"must be > 0, got {cfg['lr']!r}")
+    if not 0 <= cfg["label_smoothing"] < 1:
+        raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {cfg['label_smoothing']!r}")
+    if cfg.get("threads") is not None and (not isinstance(cfg["threads"], int) or cfg["threads"] <= 0):
+        raise ConfigError("train.threads", f"must be a positive integer or null, got {cfg['threads']!r}")
+    from timm.optim import list_optimizers
+
+    if str(cfg.get("opt")).lower() not in set(list_optimizers()):
+        raise ConfigError("train.opt", f"unknown optimizer {cfg.get('opt')!r}; timm knows e.g. adamw, adamp, lamb, sgd")
+    resolve_device(cfg.get("device"))
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, augment, batch_size: int,
+             device: torch.device) -> tuple[float, float]:
+    """(mean cross-entropy, top-1 accuracy) over a whole split, summed on the device and read once."""
+    from pitsearch.data import batch_indices
+
+    model.eval()
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    for idx in batch_indices(len(labels), batch_size, None, device, drop_last=False):
+        x = augment.eval(images[idx])
+        y = labels[idx]
+        with _autocast(device):
+            logits = model(x)
+        loss_sum += F.cross_entropy(logits.float(), y, reduction="sum")
+        correct += (logits.argmax(-1) == y).sum()
+    n = len(labels)
+    return loss_sum.item() / n, correct.item() / n
+
+
+def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], aug_cfg: Mapping[str, Any] | None,
+                callbacks: Iterable[EpochCallback] = (), console=None,
+                result: TrainResult | None = None) -> TrainResult:
+    """Train `model` on `dataset` (a `pitsearch.data.Dataset` on the training device) for `train.epochs`.
+
+    Each epoch calls every callback with (epoch, metrics); a callback raises `StopRun` to end early. Pass
+    `result` to keep the curves of a run that stops early or fails: it is filled in place, epoch by epoch.
+    """
+    from timm.optim import create_optimizer_v2
+    from timm.scheduler import CosineLRScheduler
+
+    from pitsearch.data import BatchAugment, batch_indices
+
+    device = dataset.train_x.device
+    seed = int(train_cfg["seed"])
+    torch.manual_seed(seed)  # drop path and any other global-RNG use inside the model
+    generator = torch.Generator(device=device).manual_seed(seed)
+    augment = BatchAugment(aug_cfg or {}, dataset, dataset.num_classes,
+                           label_smoothing=float(train_cfg["label_smoothing"]))
+
+    n_train = len(dataset.train_y)
+    batch_size = min(int(train_cfg["batch_size"]), n_train)
+    steps_per_epoch = n_train // batch_size  # drop_last: every step sees a full batch
+    epochs = int(train_cfg["epochs"])
+    optimizer = create_optimizer_v2(model, opt=train_cfg["opt"], lr=train_cfg["lr"],
+                                    weight_decay=train_cfg["weight_decay"])
+    warmup_steps = int(round(float(train_cfg["warmup_epochs"]) * steps_per_epoch))
+    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps_per_epoch - warmup_steps),
+                                  lr_min=train_cfg["min_lr"], warmup_t=warmup_steps,
+                                  warmup_lr_init=train_cfg["warmup_lr"], warmup_prefix=True, t_in_epochs=False)
+    step_model = torch.compile(model) if train_cfg.get("compile") else model
+    grad_clip = float(train_cfg["grad_clip"])
+    label_smoothing = float(train_cfg["label_smoothing"])
+
+    result = result if result is not None else TrainResult()
+    result.history = {k: [] for k in METRIC_KEYS}
+    progress = _Progress(console, epochs, steps_per_epoch) if train_cfg.get("progress", True) else None
+    val_acc_best = 0.0
+    step = 0
+    try:
+        for epoch in range(epochs):
+            model.train()
+            started = time.perf_counter()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            for idx in batch_indices(n_train, batch_size, generator, device, drop_last=True):
+                labels = dataset.train_y[idx]
+                x, targets = augment.train(dataset.train_x[idx], labels, generator)
+                with _autocast(device):
+                    logits = step_model(x)
+                # Soft targets (mixup/cutmix) already carry the smoothing timm's Mixup applied.
+                smoothing = 0.0 if targets.ndim == 2 else label_smoothing
+                loss = F.cross_entropy(logits.float(), targets, label_smoothing=smoothing)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+                optimizer.step()
+                step += 1
+                scheduler.step_update(step)
+                loss_sum += loss.detach() * len(labels)
+                correct += (logits.detach().argmax(-1) == labels).sum()
+                if progress:
+                    progress.batch()
+            seen = steps_per_epoch * batch_size
+            train_loss = loss_sum.item() / seen  # the epoch's one host sync for training metrics
+            train_acc = correct.item() / seen
+            train_seconds = time.perf_counter() - started
+            result.train_seconds += train_seconds
+
+            started_eval = time.perf_counter()
+            val_loss, val_acc = evaluate(model, dataset.val_x, dataset.val_y, augment,
+                                         int(train_cfg["eval_batch_size"]), device)
+            result.eval_seconds += time.perf_counter() - started_eval
+            val_acc_best = max(val_acc_best, val_acc)
+            metrics = {
+                "train/loss": train_loss, "train/acc": train_acc, "val/loss": val_loss, "val/acc": val_acc,
+                "val/acc_best": val_acc_best, "gen/gap": train_acc - val_acc,
+                "lr": optimizer.param_groups[0]["lr"], "time/epoch_s": time.perf_counter() - started,
+                "perf/img_per_s": seen / train_seconds,
+            }
+            for key in METRIC_KEYS:
+                result.history[key].append(metrics[key])
+            result.epochs_run = epoch + 1
+            if progress:
+                progress.epoch(epoch, metrics)
+            if not math.isfinite(train_loss):
+                for callback in callbacks:  # let trackers record the diverged epoch before stopping
+                    callback(epoch, metrics)
+                raise Diverged(f"train/loss is {train_loss} at epoch {epoch}")
+            for callback in callbacks:
+                callback(epoch, metrics)
+    finally:
+        if progress:
+            progress.close()
+    return result
+
+
+class _Progress:
+    """A rich bar over epochs and batches plus one summary line per epoch."""
+
+    def __init__(self, console, epochs: int, steps_per_epoch: int):
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.console = console or Console(stderr=True)
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                            TimeRemainingColumn(), console=self.console, transient=True)
+        self.epochs_task = self.bar.add_task("epochs", total=epochs)
+        self.batches_task = self.bar.add_task("batches", total=steps_per_epoch)
+        self.bar.start()
+
+    def batch(self) -> None:
+        self.bar.advance(self.batches_task)
+
+    def epoch(self, epoch: int, m: Mapping[str, float]) -> None:
+        self.bar.advance(self.epochs_task)
+        self.bar.reset(self.batches_task)
+        self.console.print(
+            f"epoch {epoch:3d}  train/loss {m['train/loss']:.4f}  train/acc {m['train/acc']:.4f}  "
+            f"val/acc {m['val/acc']:.4f}  best {m['val/acc_best']:.4f}  gap {m['gen/gap']:+.4f}  "
+            f"lr {m['lr']:.2e}  {m['time/epoch_s']:.1f}s  {m['perf/img_per_s']:.0f} img/s")
+
+    def close(self) -> None:
+        self.bar.stop()
