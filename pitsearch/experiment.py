@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from pitsearch.errors import ConfigError
 from pitsearch.train import EpochCallback, StopRun
@@ -112,8 +112,13 @@ def run_tags(cfg: Mapping[str, Any], dataset) -> dict[str, Any]:
 
 def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, parent_run_id: str | None = None,
                    run_name: str | None = None, tags: Mapping[str, Any] | None = None,
-                   callbacks: Iterable[EpochCallback] = (), console=None) -> ExperimentResult:
-    """Train once and log everything. Returns; only KeyboardInterrupt propagates (after ending the run)."""
+                   callbacks: Iterable[EpochCallback] = (), console=None,
+                   on_run_started: Callable[[str], None] | None = None) -> ExperimentResult:
+    """Train once and log everything. Returns; only KeyboardInterrupt propagates (after ending the run).
+
+    `on_run_started(run_id)` lets a sweep record the MLflow run before training, so a run whose worker is
+    killed can still be found and closed later.
+    """
     from pitsearch.train import TrainResult, train_model
 
     started = time.perf_counter()
@@ -126,6 +131,8 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
         run_id = tracker.start_run(run_name=run_name or cfg.get("tracking", {}).get("run_name"), tags=all_tags,
                                    parent_run_id=parent_run_id)
         result.run_id = run_id
+        if on_run_started is not None:
+            on_run_started(run_id)
         _log_start(tracker, run_id, cfg, prepared.stats)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:

@@ -121,10 +121,15 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
     Each epoch calls every callback with (epoch, metrics); a callback raises `StopRun` to end early. Pass
     `result` to keep the curves of a run that stops early or fails: it is filled in place, epoch by epoch.
     """
+    import logging
+
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
     from pitsearch.data import BatchAugment, batch_indices
+
+    # A 1-epoch run is all warmup; timm then warns that the cosine part is empty, which is expected here.
+    logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
 
     device = dataset.train_x.device
     seed = int(train_cfg["seed"])

@@ -51,8 +51,8 @@ def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]
     tracking_cfg = dict(cfg.get("tracking") or {})
     tracker = Tracker.from_config(tracking_cfg, base_dir) if tracking_cfg.get("enabled", True) else None
     study = _open_or_create_study(spec)
-    _requeue_lost_trials(study, console)
     parent_run_id = _ensure_parent_run(study, spec, tracker, cfg) if tracker else None
+    _requeue_lost_trials(study, tracker, console)
 
     if budget_reached(study, spec) and not _running(study):
         console.print(f"study {spec.study_name!r} is complete: {_finished(study)}/{spec.n_trials} trials finished; "
@@ -68,7 +68,7 @@ def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]
     interrupted = False
     try:
         if len(contexts) == 1:
-            run_worker(contexts[0], emit=console.print)
+            run_worker(contexts[0], emit=console.print, tracker=tracker)
         else:
             _run_processes(contexts, console)
     except KeyboardInterrupt:
@@ -88,13 +88,17 @@ def _open_or_create_study(spec: SweepSpec):
                                 make_pruner(spec.pruner, len(spec.objectives)), spec.directions)
 
 
-def _requeue_lost_trials(study, console) -> None:
-    """Trials whose worker died (killed, power loss) are failed, and their cells queued to run again.
-    (A Ctrl-C'd trial was already failed and queued by its worker.)"""
+def _requeue_lost_trials(study, tracker, console) -> None:
+    """Trials whose worker died (killed, power loss) are failed, their MLflow runs closed as FAILED, and their
+    cells queued to run again. (A Ctrl-C'd trial was already failed and queued by its worker.)"""
     from pitsearch.search.trials import fail_stale_running
 
     for trial in fail_stale_running(study):
         console.print(f"trial {trial.number} was left RUNNING by a dead worker: marked FAIL, queued again")
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if tracker is not None and run_id and _run_exists(tracker, run_id):
+            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": "worker died"})
+            tracker.end_run(run_id, status="FAILED")
 
 
 def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any]) -> str:

@@ -65,8 +65,8 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     if unknown:
         raise ConfigError(f"sweep.{unknown[0]}", f"unknown key; valid: {', '.join(SWEEP_KEYS)}")
     study_name = node.get("study_name")
-    if not isinstance(study_name, str) or not study_name.strip():
-        raise ConfigError("sweep.study_name", "must be a non-empty string")
+    if not isinstance(study_name, str) or not study_name.strip() or study_name == "???":
+        raise ConfigError("sweep.study_name", "must be set to a non-empty string")
     if any(ch in study_name for ch in "/\\ "):
         raise ConfigError("sweep.study_name", f"{study_name!r}: no spaces or slashes (it names a folder)")
     objectives = parse_objectives(node.get("objectives"))

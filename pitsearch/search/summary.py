@@ -2,17 +2,21 @@
 
 Everything is read from the Optuna study alone (params and user attributes), so a report can be made on any
 machine that reaches the storage. The parent MLflow run gets `summary.md` and `sweep/*` metrics, refreshed as
-trials finish.
+trials finish; the full report (pitsearch.report) builds on `trial_records` and `variant_rows`.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
+from pitsearch.search.space import SEED_PATH
+from pitsearch.stats import Interval, mean_ci
+
 FINISHED_STATES = ("COMPLETE", "PRUNED")
+COST_METRICS = ("macs", "params")   # user attributes of the trial, not per-epoch metrics
 
 
 def trial_records(study) -> list[dict[str, Any]]:
@@ -23,9 +27,12 @@ def trial_records(study) -> list[dict[str, Any]]:
             continue
         attrs = trial.user_attrs
         final = attrs.get("final") or {}
+        params = dict(trial.params)
         rows.append({
-            "number": trial.number, "state": trial.state.name, "variant": attrs.get("variant", ""),
-            "seed": attrs.get("seed"), "params": dict(trial.params), "values": list(trial.values or []),
+            "number": trial.number, "state": trial.state.name,
+            "variant": attrs.get("variant") or variant_label(params),
+            "seed": attrs.get("seed", params.get(SEED_PATH)), "params": params,
+            "values": list(trial.values or []),
             "final": final, "history": attrs.get("history") or {},
             "macs": attrs.get("macs"), "n_params": attrs.get("params"),
             "img_per_s": final.get("perf/img_per_s"), "wall_seconds": attrs.get("wall_seconds"),
@@ -36,32 +43,40 @@ def trial_records(study) -> list[dict[str, Any]]:
     return rows
 
 
-def mean_ci95(values) -> tuple[float, float, int]:
-    """(mean, half-width of the 95% t interval, n); half-width NaN below two values."""
-    from scipy import stats
-
-    data = np.asarray([v for v in values if v is not None and not math.isnan(v)], dtype=float)
-    n = len(data)
-    if n == 0:
-        return float("nan"), float("nan"), 0
-    if n == 1:
-        return float(data[0]), float("nan"), 1
-    half = data.std(ddof=1) / math.sqrt(n) * stats.t.ppf(0.975, n - 1)
-    return float(data.mean()), float(half), n
+def variant_label(params: dict[str, Any]) -> str:
+    """The label of a trial that has no `variant` attribute: its non-seed params (Optuna's stored values)."""
+    return " ".join(f"{k}={v}" for k, v in params.items() if k != SEED_PATH) or "default"
 
 
-def variant_rows(records: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
-    """One row per variant over its COMPLETE trials (pruned runs stopped early, so they are not averaged)."""
+def record_metric(record: dict[str, Any], metric: str) -> float | None:
+    """A trial's final value of `metric`; `macs` and `params` come from its cost attributes."""
+    if metric == "macs":
+        return record["macs"]
+    if metric == "params":
+        return record["n_params"]
+    return record["final"].get(metric)
+
+
+def variant_rows(records: list[dict[str, Any]], metrics: Sequence[str] | str) -> list[dict[str, Any]]:
+    """One row per variant (in order of first appearance) over its COMPLETE trials; pruned runs stopped early,
+    so they are counted (`n_pruned`, `n_failed`) but not averaged. Each metric maps to an `Interval`."""
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
     groups: dict[str, list[dict[str, Any]]] = {}
     for record in records:
-        if record["state"] == "COMPLETE":
-            groups.setdefault(record["variant"], []).append(record)
+        groups.setdefault(record["variant"], []).append(record)
     rows = []
     for variant, group in groups.items():
-        mean, half, n = mean_ci95([r["final"].get(metric) for r in group])
-        rows.append({"variant": variant, "n": n, "mean": mean, "ci95": half,
-                     "macs": group[0]["macs"], "params": group[0]["n_params"],
-                     "seeds": sorted(r["seed"] for r in group if r["seed"] is not None)})
+        complete = [r for r in group if r["state"] == "COMPLETE"]
+        if not complete:
+            continue
+        rows.append({
+            "variant": variant, "n": len(complete), "records": complete,
+            "seeds": sorted((r["seed"] for r in complete if r["seed"] is not None), key=str),
+            "n_pruned": sum(r["state"] == "PRUNED" for r in group),
+            "n_failed": sum(r["state"] == "FAIL" for r in group),
+            "macs": complete[0]["macs"], "n_params": complete[0]["n_params"],
+            "metrics": {m: mean_ci(record_metric(r, m) for r in complete) for m in metrics},
+        })
     return rows
 
 
@@ -87,15 +102,17 @@ def summary_markdown(study, spec) -> str:
              f"{counts['FAIL']} failed, {counts['RUNNING']} running. {best_text(study, spec)}", "",
              f"## Variants ({metric}, mean and 95% CI over seeds)", "",
              "| variant | n | mean | ±95% CI | MACs | params |", "|---|---|---|---|---|---|"]
-    for row in sorted(variant_rows(records, metric), key=lambda r: -r["mean"] if spec.directions[0] == "maximize" else r["mean"]):
-        lines.append(f"| {row['variant']} | {row['n']} | {row['mean']:.4f} | {_num(row['ci95'])} | "
-                     f"{_int(row['macs'])} | {_int(row['params'])} |")
+    sign = -1 if spec.directions[0] == "maximize" else 1
+    for row in sorted(variant_rows(records, metric), key=lambda r: _sort_value(sign * r["metrics"][metric].mean)):
+        interval = row["metrics"][metric]
+        lines.append(f"| {row['variant']} | {row['n']} | {fmt_num(interval.mean)} | {fmt_num(interval.half_width)} | "
+                     f"{fmt_int(row['macs'])} | {fmt_int(row['n_params'])} |")
     lines += ["", "## Trials", "", "| # | state | variant | seed | " + " | ".join(m for m, _ in spec.objectives)
               + " | wall s | reason |", "|---" * (6 + len(spec.objectives)) + "|"]
     for r in records:
         values = r["values"] or [None] * len(spec.objectives)
         lines.append(f"| {r['number']} | {r['state']} | {r['variant']} | {r['seed']} | "
-                     + " | ".join(_num(v) for v in values) + f" | {_num(r['wall_seconds'], 1)} | {r['reason']} |")
+                     + " | ".join(fmt_num(v) for v in values) + f" | {fmt_num(r['wall_seconds'], 1)} | {r['reason']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -120,8 +137,9 @@ def print_summary(study, spec, console) -> dict[str, Any]:
     for column in ("variant", "n", metric, "± CI95", "MACs", "params"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     for row in variant_rows(records, metric):
-        table.add_row(row["variant"], str(row["n"]), f"{row['mean']:.4f}", _num(row["ci95"]), _int(row["macs"]),
-                      _int(row["params"]))
+        interval: Interval = row["metrics"][metric]
+        table.add_row(row["variant"], str(row["n"]), fmt_num(interval.mean), fmt_num(interval.half_width),
+                      fmt_int(row["macs"]), fmt_int(row["n_params"]))
     console.print(table)
     counts = {state: sum(r["state"] == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL")}
     walls = [r["wall_seconds"] for r in records if r["wall_seconds"]]
@@ -133,9 +151,16 @@ def print_summary(study, spec, console) -> dict[str, Any]:
     return {"counts": counts, "records": records}
 
 
-def _num(value, digits: int = 4) -> str:
-    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def _sort_value(value: float) -> float:
+    return math.inf if math.isnan(value) else value
 
 
-def _int(value) -> str:
+def fmt_num(value, digits: int = 4) -> str:
+    """A float for a table cell; empty for None and NaN."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    return f"{value:.{digits}f}"
+
+
+def fmt_int(value) -> str:
     return "" if value is None else f"{int(value):,}"

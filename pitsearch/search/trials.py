@@ -92,7 +92,7 @@ class StudyBudget:
 
 
 # Per-run user attrs that a retry must not inherit (a retry with a dead worker's tag would look stale).
-PER_RUN_USER_ATTRS = ("worker", "fail_reason", "retry_of")
+PER_RUN_USER_ATTRS = ("worker", "fail_reason", "retry_of", "mlflow_run_id", "history", "final", "prune_reason")
 
 
 def worker_id() -> str:

@@ -75,14 +75,16 @@ def _grid_cell(params: dict[str, Any], grid: dict[str, list]) -> tuple:
     return tuple(json.dumps(params.get(name), sort_keys=True, default=str) for name in grid)
 
 
-def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print) -> dict[str, int]:
-    """The worker loop. Returns counts of trial states it produced."""
+def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=None) -> dict[str, int]:
+    """The worker loop. Returns counts of trial states it produced. An in-process worker reuses the caller's
+    `tracker` (opening an MLflow store costs about a second)."""
     from pitsearch.search.spec import parse_sweep
     from pitsearch.tracking import Tracker
 
     spec = parse_sweep(ctx.sweep_node, known_paths=ctx.known_paths, base_dir=ctx.base_dir)
     study = open_study(spec, ctx.worker_index)
-    tracker = Tracker.from_config(ctx.tracking, ctx.base_dir) if ctx.tracking.get("enabled", True) else None
+    if tracker is None and ctx.tracking.get("enabled", True):
+        tracker = Tracker.from_config(ctx.tracking, ctx.base_dir)
     datasets: dict[str, Any] = {}
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
     while counts["FAIL"] < spec.max_failures and not budget_reached(study, spec):
@@ -134,7 +136,8 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) 
 
     try:
         result = run_experiment(prepared.cfg, prepared=prepared, tracker=tracker, parent_run_id=ctx.parent_run_id,
-                                run_name=run_name, tags=tags, callbacks=[report_and_prune])
+                                run_name=run_name, tags=tags, callbacks=[report_and_prune],
+                                on_run_started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
     except KeyboardInterrupt:
         trial.set_user_attr("fail_reason", "interrupted")
         frozen = tell(study, trial, state=TrialState.FAIL)
