@@ -60,7 +60,8 @@ def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]
         summary = _finish(study, spec, tracker, parent_run_id, console, interrupted=False, trained=False)
         return summary
 
-    console.print(f"sweep {spec.study_name!r}: {spec.n_trials} trials, {spec.n_workers} worker(s), storage "
+    console.print(f"sweep {spec.study_name!r}: {spec.n_trials} trials, {len(worker_devices(spec, cfg['train'].get('device')))} "
+                  f"worker(s), storage "
                   f"{mask_url(str(spec.storage or spec.output_dir / 'optuna-journal.log'))}")
     contexts = _worker_contexts(spec, composer, cfg, known, base_dir, tracking_cfg, parent_run_id)
     monitor = _Monitor(study, spec, tracker, parent_run_id, console)
@@ -143,18 +144,31 @@ def _run_exists(tracker, run_id: str) -> bool:
         return False
 
 
-def _worker_contexts(spec: SweepSpec, composer, cfg, known, base_dir, tracking_cfg, parent_run_id) -> list[WorkerContext]:
+def worker_devices(spec: SweepSpec, train_device: str | None) -> list[str | None]:
+    """One entry per worker: its pinned CUDA device, or None for a CPU worker.
+
+    With CUDA and `train.device` auto/cuda: `sweep.trials_per_gpu` workers on each of `sweep.gpus` (default:
+    every visible GPU, so CUDA_VISIBLE_DEVICES is respected). Otherwise `sweep.n_workers` CPU workers.
+    """
     import torch
 
+    if train_device in (None, "auto", "cuda") and torch.cuda.is_available():
+        gpus = spec.gpus if spec.gpus is not None else list(range(torch.cuda.device_count()))
+        return [f"cuda:{gpu}" for gpu in gpus for _ in range(spec.trials_per_gpu)]
+    return [None] * spec.n_workers
+
+
+def _worker_contexts(spec: SweepSpec, composer, cfg, known, base_dir, tracking_cfg, parent_run_id) -> list[WorkerContext]:
     contexts = []
-    gpus = torch.cuda.device_count() if cfg["train"].get("device", "auto") in ("auto", "cuda") else 0
-    threads = max(1, (os.cpu_count() or 1) // spec.n_workers)
-    for index in range(spec.n_workers):
+    devices = worker_devices(spec, cfg["train"].get("device"))
+    threads = max(1, (os.cpu_count() or 1) // len(devices))
+    for index, device in enumerate(devices):
         extra = []
-        if gpus:
-            extra.append(f"train.device=cuda:{index % gpus}")  # pinned: no two workers race for a device
-        elif spec.n_workers > 1:
+        if device is not None:
+            extra.append(f"train.device={device}")  # pinned: no two workers race for the freest GPU
+        elif len(devices) > 1:
             extra.append(f"train.threads={threads}")  # split the cores; recorded in each trial's config
+        if len(devices) > 1:
             extra.append("train.progress=false")
         contexts.append(WorkerContext(composer=composer, sweep_node=spec.raw, known_paths=known, base_dir=base_dir,
                                       tracking=tracking_cfg, parent_run_id=parent_run_id, worker_index=index,
@@ -244,9 +258,8 @@ class _Monitor:
 
 
 def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted: bool, trained: bool) -> dict[str, Any]:
-    from pitsearch.search.summary import log_parent_summary, print_summary
+    from pitsearch.search.summary import log_parent_summary, print_summary, trial_records
 
-    summary = print_summary(study, spec, console)
     if tracker is not None:
         log_parent_summary(study, spec, tracker, parent_run_id)
     complete = budget_reached(study, spec) and not _running(study)
@@ -254,6 +267,9 @@ def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted
         from pitsearch.report import write_report
 
         write_report(study, spec, tracker=tracker, parent_run_id=parent_run_id, console=console)
+        summary = {"records": trial_records(study)}
+    else:
+        summary = print_summary(study, spec, console)
     if tracker is not None:
         # An unfinished sweep's parent is KILLED; resuming sets it RUNNING again.
         tracker.end_run(parent_run_id, status="FINISHED" if complete and not interrupted else "KILLED")

@@ -16,7 +16,9 @@ SWEEP_KEYS = {
     "pruner": "{name: none|median|percentile|hyperband|successive_halving|threshold, ...kwargs}",
     "n_trials": "total finished (complete + pruned) trials across all invocations; null = grid size",
     "storage": "null (journal file in output_dir), a journal file path, or an Optuna storage URL",
-    "n_workers": "worker processes on this machine",
+    "n_workers": "worker processes on this machine when training on the CPU",
+    "gpus": "GPU indices to use (null = every visible GPU)",
+    "trials_per_gpu": "workers sharing each GPU (packing small trials)",
     "seeds": "list of seeds: an axis of the search space (train.seed)",
     "space": "the search space: {config.path: {choices|low/high/step/log/type, when}}",
     "budget": "{max_macs, max_params}: configs over budget fail without training",
@@ -43,6 +45,8 @@ class SweepSpec:
     baseline: dict[str, Any] = field(default_factory=dict)
     max_failures: int = 10
     report: bool = True
+    gpus: list[int] | None = None
+    trials_per_gpu: int = 1
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -90,6 +94,13 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     n_workers = node.get("n_workers", 1)
     if not isinstance(n_workers, int) or n_workers <= 0:
         raise ConfigError("sweep.n_workers", f"must be a positive integer, got {n_workers!r}")
+    gpus = node.get("gpus")
+    if gpus is not None and (not isinstance(gpus, (list, tuple)) or not gpus
+                             or not all(isinstance(g, int) and g >= 0 for g in gpus)):
+        raise ConfigError("sweep.gpus", f"must be null or a non-empty list of GPU indices, got {gpus!r}")
+    trials_per_gpu = node.get("trials_per_gpu", 1)
+    if not isinstance(trials_per_gpu, int) or trials_per_gpu <= 0:
+        raise ConfigError("sweep.trials_per_gpu", f"must be a positive integer, got {trials_per_gpu!r}")
     budget = dict(node.get("budget") or {})
     for key, value in budget.items():
         if key not in ("max_macs", "max_params"):
@@ -109,7 +120,8 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     return SweepSpec(study_name=study_name, objectives=objectives, sampler=sampler_cfg, pruner=pruner_cfg,
                      n_trials=n_trials, storage=node.get("storage"), n_workers=n_workers, space=space,
                      output_dir=output_dir, budget=budget, baseline=baseline, max_failures=max_failures,
-                     report=bool(node.get("report", True)), raw=dict(node))
+                     report=bool(node.get("report", True)), raw=dict(node),
+                     gpus=list(gpus) if gpus is not None else None, trials_per_gpu=trials_per_gpu)
 
 
 def _named(node: Any, key: str) -> dict[str, Any]:

@@ -8,7 +8,8 @@ trials finish; the full report (pitsearch.report) builds on `trial_records` and 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -98,8 +99,8 @@ def summary_markdown(study, spec) -> str:
     counts = {state: sum(r["state"] == state for r in records) for state in ("COMPLETE", "PRUNED", "FAIL", "RUNNING")}
     finished = counts["COMPLETE"] + counts["PRUNED"]
     lines = [f"# Sweep `{spec.study_name}`", "",
-             f"{finished}/{spec.n_trials} finished: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
-             f"{counts['FAIL']} failed, {counts['RUNNING']} running. {best_text(study, spec)}", "",
+             (f"{finished}/{spec.n_trials} finished: {counts['COMPLETE']} complete, {counts['PRUNED']} pruned, "
+              f"{counts['FAIL']} failed, {counts['RUNNING']} running. {best_text(study, spec)}"), "",
              f"## Variants ({metric}, mean and 95% CI over seeds)", "",
              "| variant | n | mean | ±95% CI | MACs | params |", "|---|---|---|---|---|---|"]
     sign = -1 if spec.directions[0] == "maximize" else 1
