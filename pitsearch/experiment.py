@@ -35,6 +35,7 @@ class ExperimentResult:
     reason: str | None = None
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
+    compile_seconds: float = 0.0
     wall_seconds: float = 0.0
 
     @property
@@ -175,11 +176,14 @@ def _log_start(tracker, run_id: str, cfg: Mapping[str, Any], stats: Mapping[str,
 def _log_end(tracker, run_id, result: ExperimentResult, train) -> None:
     result.history = train.history
     result.train_seconds, result.eval_seconds = train.train_seconds, train.eval_seconds
+    result.compile_seconds = train.compile_seconds
     if tracker is None or run_id is None:
         return
     from pitsearch.plots import run_curves_figure
 
     tags = {"state": result.state}
+    if result.compile_seconds:
+        tracker.log_metrics(run_id, {"time/compile_s": result.compile_seconds}, step=0)
     if result.reason:
         tags["reason"] = result.reason[:5000]
     tracker.set_tags(run_id, tags)

@@ -14,7 +14,8 @@ from pitsearch.paths import CONF_DIR
 
 # A model and data that train in well under a second per epoch on 2 CPU cores.
 TINY = ["data=digits", "model.patch_size=2", "model.stride=1", "model.depths=[1,1,1]", "model.heads=[1,2,4]",
-        "model.head_dims=[8,8,8]", "train.batch_size=128", "train.progress=false"]
+        "model.head_dims=[8,8,8]", "train.batch_size=128", "train.progress=false",
+        "train.threads=1"]
 
 
 def pytest_collection_modifyitems(config, items):

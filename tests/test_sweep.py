@@ -30,6 +30,7 @@ model:
 train:
   epochs: {epochs}
   progress: false
+  threads: 1
 tracking:
   experiment: {name}
 sweep:
@@ -190,6 +191,7 @@ def test_two_local_workers_share_a_grid_and_complete_each_cell_once(tmp_path):
     workers = {t.user_attrs["worker"] for t in study.trials}
     assert len(workers) == 2, result.stderr  # both processes took trials
     assert {t.user_attrs["config"]["train"]["threads"] for t in study.trials} == {max(1, (os.cpu_count() or 1) // 2)}
+    assert {t.user_attrs["config"]["train"]["progress"] for t in study.trials} == {False}
 
 
 def test_median_pruner_stops_a_clearly_bad_configuration(tmp_path):
