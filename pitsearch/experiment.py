@@ -37,10 +37,12 @@ class ExperimentResult:
     eval_seconds: float = 0.0
     compile_seconds: float = 0.0
     wall_seconds: float = 0.0
+    analysis: dict[str, Any] = field(default_factory=dict)   # run_analyses(): {"metrics", "spatial"}
 
     @property
     def final(self) -> dict[str, float]:
-        return {k: v[-1] for k, v in self.history.items() if v}
+        """Last value of every curve, plus the post-training analyses' scalars (robust/*, spatial/*)."""
+        return {**{k: v[-1] for k, v in self.history.items() if v}, **self.analysis.get("metrics", {})}
 
 
 def to_container(cfg: Any) -> dict[str, Any]:
@@ -59,8 +61,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     for section in ("model", "data", "train"):
         if not isinstance(cfg.get(section), Mapping):
             raise ConfigError(section, "missing config section")
+    from pitsearch.analysis import validate_eval_config
+
     validate_data_config(cfg["data"])
     validate_train_config(cfg["train"])
+    validate_eval_config(cfg.get("eval"))
 
 
 def fill_model_from_data(model_cfg: Mapping[str, Any], dataset) -> dict[str, Any]:
@@ -145,6 +150,11 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
         train_model(prepared.model, prepared.dataset, cfg["train"], cfg["data"].get("aug"),
                     callbacks=[log_epoch, *callbacks], console=console, result=train)
         result.state = "COMPLETE"
+        # Only trained-to-the-end models are analysed; an analysis error fails the run with its reason.
+        from pitsearch.analysis import run_analyses
+
+        result.analysis = run_analyses(prepared.model, prepared.dataset, cfg.get("eval"), tracker=tracker,
+                                       run_id=run_id)
     except StopRun as stop:
         result.state, result.reason = stop.state, stop.reason
     except KeyboardInterrupt:

@@ -21,7 +21,7 @@ PANELS = (
 History = Mapping[str, Sequence[float]]
 
 
-def _matplotlib():
+def pyplot():
     import matplotlib
 
     matplotlib.use("Agg")  # files only; never needs a display
@@ -30,13 +30,9 @@ def _matplotlib():
     return plt
 
 
-# The old name, kept for pitsearch.analysis.spatial; new code imports pitsearch.stats.mean_ci_curves.
-mean_ci = stats.mean_ci_curves
-
-
 def variant_colours(labels: Sequence[str]) -> dict[str, tuple]:
     """One colour per label, in order (tab10, then tab20 for more than ten variants)."""
-    plt = _matplotlib()
+    plt = pyplot()
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
 
@@ -51,7 +47,7 @@ def _stack(histories: Sequence[History], key: str) -> np.ndarray:
 def run_curves_figure(variants: Mapping[str, Sequence[History] | History], title: str | None = None,
                       colours: Mapping[str, tuple] | None = None):
     """`variants`: label -> one history ({metric: per-epoch values}) or a list of histories (one per seed)."""
-    plt = _matplotlib()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     colours = colours or variant_colours(list(variants))
     for label, runs in variants.items():
@@ -90,7 +86,7 @@ def accuracy_cost_figure(points: Mapping[str, tuple[float, Sequence[float]]], co
     """`points`: label -> (cost, per-seed scores). Each variant is its mean score with a 95% CI bar over
     seeds (the seeds as faint dots); the dashed line joins the Pareto front of the means (lower cost,
     higher score)."""
-    plt = _matplotlib()
+    plt = pyplot()
     figure, ax = plt.subplots(figsize=(7, 4.8))
     colours = colours or variant_colours(list(points))
     labels, costs, means = [], [], []

@@ -1,0 +1,157 @@
+"""Post-training analyses of one trained model, chosen by the `eval` config group (conf/eval/default.yaml).
+
+`run_analyses(model, dataset, eval_cfg, tracker, run_id)` runs what `eval_cfg` asks for once training is over:
+the spatial-interaction profile of the attention (pitsearch.analysis.spatial) and the robustness accuracies
+(pitsearch.analysis.robustness), and logs them to the run. Nothing here runs during training, and with the
+defaults (everything off) it returns at once.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pitsearch.analysis.robustness import clean_accuracy, fgsm_accuracy, occlusion_accuracy
+from pitsearch.analysis.spatial import METRICS as SPATIAL_METRICS
+from pitsearch.analysis.spatial import capture_attention, spatial_figure, spatial_profile, summary_metrics
+from pitsearch.errors import ConfigError
+
+__all__ = [
+    "ROBUSTNESS_KINDS",
+    "capture_attention",
+    "clean_accuracy",
+    "fgsm_accuracy",
+    "load_eval_defaults",
+    "occlusion_accuracy",
+    "resolve_eval_config",
+    "run_analyses",
+    "spatial_figure",
+    "spatial_profile",
+    "validate_eval_config",
+]
+
+ROBUSTNESS_KINDS = ("occlusion", "fgsm")
+
+
+def load_eval_defaults() -> dict[str, Any]:
+    """conf/eval/default.yaml, the one place the defaults live (also used when a config has no `eval` node)."""
+    import yaml
+
+    from pitsearch.paths import CONF_DIR
+
+    return yaml.safe_load((CONF_DIR / "eval" / "default.yaml").read_text())
+
+
+def _as_dict(cfg: Any) -> dict[str, Any]:
+    if cfg is None:
+        return {}
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    if not isinstance(cfg, Mapping):
+        raise ConfigError("eval", f"must be a mapping, got {type(cfg).__name__}")
+    return dict(cfg)
+
+
+def resolve_eval_config(cfg: Any) -> dict[str, Any]:
+    """The defaults overlaid with `cfg` (dict, DictConfig or None), validated."""
+    resolved = {**load_eval_defaults(), **_as_dict(cfg)}
+    validate_eval_config(resolved)
+    return resolved
+
+
+def _number(cfg: Mapping[str, Any], key: str) -> float:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"eval.{key}", f"must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _positive_int(cfg: Mapping[str, Any], key: str) -> None:
+    value = cfg.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"eval.{key}", f"must be an integer >= 1, got {value!r}")
+
+
+def validate_eval_config(cfg: Any) -> None:
+    """Raise a one-line ConfigError naming `eval.<key>`; keys left out take their defaults."""
+    cfg = {**load_eval_defaults(), **_as_dict(cfg)}
+    unknown = sorted(set(cfg) - set(load_eval_defaults()))
+    if unknown:
+        raise ConfigError(f"eval.{unknown[0]}", f"unknown key; valid: {', '.join(load_eval_defaults())}")
+    if not isinstance(cfg["spatial"], bool):
+        raise ConfigError("eval.spatial", f"must be true or false, got {cfg['spatial']!r}")
+    _positive_int(cfg, "spatial_images")
+    _positive_int(cfg, "robustness_images")
+    threshold = _number(cfg, "spatial_threshold")
+    if not 0 < threshold < 1:
+        raise ConfigError("eval.spatial_threshold", f"must be in (0, 1), got {threshold!r}")
+    kinds = cfg["robustness"]
+    if kinds is None:
+        kinds = []
+    if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)):
+        raise ConfigError("eval.robustness", f"must be a list of {', '.join(ROBUSTNESS_KINDS)} "
+                          f"(e.g. [occlusion, fgsm]), got {kinds!r}")
+    for kind in kinds:
+        if kind not in ROBUSTNESS_KINDS:
+            raise ConfigError("eval.robustness", f"unknown kind {kind!r}; valid: {', '.join(ROBUSTNESS_KINDS)}")
+    fraction = _number(cfg, "occlusion_fraction")
+    if not 0 <= fraction < 1:
+        raise ConfigError("eval.occlusion_fraction", f"must be in [0, 1), got {fraction!r}")
+    if _number(cfg, "fgsm_epsilon") < 0:
+        raise ConfigError("eval.fgsm_epsilon", f"must be >= 0 (0..255 pixel units), got {cfg['fgsm_epsilon']!r}")
+
+
+def run_analyses(model, dataset, eval_cfg: Any, tracker=None, run_id: str | None = None) -> dict[str, Any]:
+    """Run the analyses `eval_cfg` asks for on a trained `model` and `dataset` (both on the same device).
+
+    Returns {"metrics": {name: value}, "spatial": profile or None}: metrics hold `robust/clean_acc`,
+    `robust/occlusion_acc`, `robust/fgsm_acc` (those asked for) and the `spatial/mean_*` means over blocks;
+    the profile holds per-block lists (`interaction_ratio`, `distance_px`, `entropy`, `stage_of_block`) and
+    `stage_boundaries`. JSON-serialisable, so it fits Optuna user attributes.
+
+    With a tracker, logs to `run_id` (which must still be open): the summary metrics at step 0, the per-block
+    metrics `spatial/interaction_ratio|distance_px|entropy` with step = block index, `spatial.png` and
+    `spatial.json`.
+    """
+    from pitsearch.augment import BatchAugment
+
+    cfg = resolve_eval_config(eval_cfg)
+    augment = BatchAugment(None, dataset, dataset.num_classes)  # eval() = normalisation only
+    metrics: dict[str, float] = {}
+    profile = None
+    if cfg["spatial"]:
+        images = augment.eval(dataset.val_x[:cfg["spatial_images"]])
+        profile = spatial_profile(model, images, threshold=float(cfg["spatial_threshold"]))
+        metrics.update(summary_metrics(profile))
+    kinds = list(dict.fromkeys(cfg["robustness"] or []))  # keep order, drop repeats
+    if kinds:
+        cap = cfg["robustness_images"]
+        metrics["robust/clean_acc"] = clean_accuracy(model, dataset, augment, max_images=cap)
+        if "occlusion" in kinds:
+            metrics["robust/occlusion_acc"] = occlusion_accuracy(model, dataset, augment,
+                                                                 float(cfg["occlusion_fraction"]), max_images=cap)
+        if "fgsm" in kinds:
+            metrics["robust/fgsm_acc"] = fgsm_accuracy(model, dataset, augment, float(cfg["fgsm_epsilon"]),
+                                                       max_images=cap)
+    if tracker is not None and run_id is not None:
+        _log(tracker, run_id, metrics, profile)
+    return {"metrics": metrics, "spatial": profile}
+
+
+def _log(tracker, run_id: str, metrics: Mapping[str, float], profile: Mapping[str, Any] | None) -> None:
+    if metrics:
+        tracker.log_metrics(run_id, metrics, step=0)
+    if profile is None:
+        return
+    for block in range(len(profile["distance_px"])):
+        tracker.log_metrics(run_id, {f"spatial/{key}": profile[key][block]
+                                     for key in SPATIAL_METRICS}, step=block)
+    figure = spatial_figure({"run": profile})
+    import matplotlib.pyplot as plt  # after spatial_figure, which picks the file-only Agg backend
+
+    tracker.log_figure(run_id, figure, "spatial.png")
+    plt.close(figure)
+    tracker.log_json(run_id, profile, "spatial.json")
