@@ -33,6 +33,15 @@ def write_figures(out_dir: Path, study, spec, variants: list[dict[str, Any]]) ->
             points, cost_label="MACs", score_label=PRIMARY_METRIC, title=f"{spec.study_name}: "
             f"{PRIMARY_METRIC} vs MACs (Pareto front of the variant means)", colours=colours),
             written, notes, "accuracy vs MACs" if any(p[0] is not None for p in points.values()) else None)
+        # Trials that ran with eval.spatial carry per-block attention profiles: overlay the variants (PiT vs ViT).
+        profiles = {row["variant"]: [r["spatial"] for r in row["records"] if r.get("spatial")] for row in variants}
+        profiles = {label: runs for label, runs in profiles.items() if runs}
+        if profiles:
+            from pitsearch.analysis.spatial import spatial_figure
+
+            _save(out_dir / "spatial.png", lambda: spatial_figure(
+                profiles, title=f"{spec.study_name}: spatial interaction by block (mean ± 95% CI over seeds)"),
+                written, notes, "spatial interaction")
     else:
         notes.append("no completed trial: no curves, no accuracy-vs-MACs plot")
     import matplotlib

@@ -40,6 +40,7 @@ def trial_records(study) -> list[dict[str, Any]]:
             "train_seconds": attrs.get("train_seconds"), "eval_seconds": attrs.get("eval_seconds"),
             "reason": attrs.get("fail_reason") or attrs.get("prune_reason") or "",
             "mlflow_run_id": attrs.get("mlflow_run_id"),
+            "spatial": attrs.get("spatial"),   # per-block attention profile when the trial ran eval.spatial
         })
     return rows
 
