@@ -144,14 +144,13 @@ def _remove_stale(out_dir: Path, count: int) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pitsearch.report.source import add_study_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m pitsearch.export",
         description="Export a study's best trials as configs runnable with `python -m pitsearch --config-dir DIR "
                     "--config-name rankN`, and their models as `model` group options.")
-    parser.add_argument("study", help="the study name (sweep.study_name)")
-    parser.add_argument("--storage", default=None,
-                        help="journal file or Optuna storage URL (default: the journal in "
-                             "./pitsearch-sweeps/STUDY/optuna-journal.log)")
+    add_study_arguments(parser)
     parser.add_argument("--top-k", type=int, default=3, metavar="K",
                         help="how many trials (default 3; multi-objective: at most the Pareto front)")
     parser.add_argument("--out", type=Path, default=None,

@@ -13,14 +13,13 @@ from pathlib import Path
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    from pitsearch.report.source import add_study_arguments
+
     parser = argparse.ArgumentParser(
         prog="python -m pitsearch.report",
         description="Write a sweep's report: variant table (mean ± 95%% CI over seeds), paired deltas against "
                     "the baseline, curves, accuracy vs MACs, Optuna plots.")
-    parser.add_argument("study", help="the study name (sweep.study_name)")
-    parser.add_argument("--storage", default=None,
-                        help="journal file or Optuna storage URL (default: the journal in "
-                             "./pitsearch-sweeps/STUDY/optuna-journal.log)")
+    add_study_arguments(parser)
     parser.add_argument("--baseline", action="append", default=[], metavar="PATH=VALUE",
                         help="the baseline variant, e.g. model.pool=none (repeatable; default: sweep.baseline)")
     parser.add_argument("--out", type=Path, default=None,

@@ -157,3 +157,11 @@ def parse_baseline(items: list[str]) -> dict[str, Any]:
             raise ConfigError("--baseline", f"{item!r} is not PATH=VALUE (e.g. model.pool=none)")
         baseline[path.strip()] = yaml.safe_load(text) if text.strip() else None
     return baseline
+
+
+def add_study_arguments(parser) -> None:
+    """The `STUDY [--storage URL]` arguments every command that opens a finished study takes."""
+    parser.add_argument("study", help="the study name (sweep.study_name)")
+    parser.add_argument("--storage", default=None,
+                        help="journal file or Optuna storage URL (default: the journal in "
+                             "./pitsearch-sweeps/STUDY/optuna-journal.log)")
