@@ -225,12 +225,12 @@ def _release_cuda_memory() -> None:
 
 def run_single(cfg: Any) -> ExperimentResult:
     """`python -m pitsearch`: validate, train once, log to MLflow, print the result and where to see it."""
-    from rich.console import Console
+    from pitsearch.console import make_console
 
     from pitsearch.search.storage import mask_url
     from pitsearch.tracking import Tracker
 
-    console = Console(stderr=True)
+    console = make_console()
     prepared = prepare(cfg)  # every config error surfaces here, before a run exists
     cfg = prepared.cfg
     stats = prepared.stats

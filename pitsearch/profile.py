@@ -149,10 +149,11 @@ def profile_config(preset: str, overrides: dict[str, Any]) -> tuple[dict[str, An
 
 def _print_table(cfg: dict[str, Any], stats: dict[str, Any]) -> None:
     from rich import box
-    from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    from pitsearch.console import make_console
+
+    console = make_console(stderr=False)
     console.print(f"model {cfg['name'] or 'custom'}: {cfg['img_size']} px, {cfg['in_chans']} channels, "
                   f"{cfg['num_classes']} classes, pool {cfg['pool']}")
     console.print(f"params {stats['params']:,}")

@@ -3,6 +3,10 @@
 Runs are addressed by id through `MlflowClient`, never through mlflow's thread-local "active run", so a sweep
 parent created in one process can receive children from worker processes and threads. Metrics of one epoch go
 out in one `log_batch` call: against a tracking server a single `log_metric` costs ~48 ms.
+
+Each call waits out a lost server (connection refused / reset, 429 / 502 / 503 / 504) with exponential backoff
+for `retry_timeout_s` (pitsearch.retry), so a server restart loses no metric; after that it raises
+`ServiceUnavailable`. Passwords are masked in every param, tag and text artifact.
 """
 
 from __future__ import annotations
@@ -11,10 +15,17 @@ import json
 import os
 import tempfile
 import time
+import uuid
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 from pitsearch.errors import ConfigError
+from pitsearch.masking import mask_secrets, mask_url
+from pitsearch.retry import DEFAULT_TIMEOUT_S, ServiceUnavailable, error_chain, retry_call
+
+T = TypeVar("T")
+SERVICE = "MLflow tracking server"
+_RETRY_STATUSES = (429, 502, 503, 504)
 
 # MLflow's hard limits: 100 params / 1000 metrics per log_batch, 6000 chars per param value.
 _PARAMS_PER_BATCH = 100
@@ -69,29 +80,63 @@ def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 class Tracker:
     """One MLflow store and experiment; creates runs and logs to them by id."""
 
-    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None):
+    def __init__(self, uri: str, experiment: str, artifact_location: str | None = None,
+                 retry_timeout_s: float = DEFAULT_TIMEOUT_S):
         from mlflow.tracking import MlflowClient
 
+        if uri.startswith(("http://", "https://")):
+            # MLflow's own HTTP retries would wait ~4 minutes per call; pitsearch.retry bounds the wait instead.
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            # Ending a run would print "View run ... at <uri>" (the password included) after one more request.
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+            if mask_url(uri) != uri:
+                os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = uri
+        self.retry_timeout_s = retry_timeout_s
+        self.give_ups = 0                       # how often a call gave up; a sweep worker checks it per trial
+        self.last_give_up: ServiceUnavailable | None = None
+        self._down: ServiceUnavailable | None = None
         self.client = MlflowClient(tracking_uri=uri)
         self.experiment_id = self._experiment_id(experiment, artifact_location)
 
     @classmethod
-    def from_config(cls, tracking_cfg: Mapping[str, Any], base_dir: str | Path | None = None) -> "Tracker":
+    def from_config(cls, tracking_cfg: Mapping[str, Any], base_dir: str | Path | None = None,
+                    retry_timeout_s: float = DEFAULT_TIMEOUT_S) -> "Tracker":
         uri = resolve_tracking_uri(tracking_cfg.get("uri"), base_dir)
         artifacts = default_artifact_location(uri, tracking_cfg.get("artifact_location"))
-        return cls(uri, tracking_cfg.get("experiment") or "pitsearch", artifacts)
+        return cls(uri, tracking_cfg.get("experiment") or "pitsearch", artifacts, retry_timeout_s=retry_timeout_s)
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """`fn(*args, **kwargs)` against the store, retried on connection loss. Once a call has given up, the
+        next ones try once without waiting (until one succeeds), so a failing trial is wound up quickly."""
+        if self._down is not None:
+            try:
+                result = fn(*args, **kwargs)
+            except Exception as error:
+                if is_transient_mlflow_error(error):
+                    raise ServiceUnavailable(SERVICE, self.uri, self._down.waited_s, error) from error
+                raise
+            self._down = None
+            return result
+        try:
+            return retry_call(fn, *args, **kwargs, service=SERVICE, target=self.uri,
+                              is_transient=is_transient_mlflow_error, timeout_s=self.retry_timeout_s)
+        except ServiceUnavailable as error:
+            self._down = self.last_give_up = error
+            self.give_ups += 1
+            raise
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
         from mlflow.exceptions import MlflowException
 
-        found = self.client.get_experiment_by_name(name)
+        found = self._call(self.client.get_experiment_by_name, name)
         if found is not None:
             return found.experiment_id
         try:
-            return self.client.create_experiment(name, artifact_location=artifact_location)
+            return self._call(self.client.create_experiment, name, artifact_location=artifact_location)
         except MlflowException:  # another process created it between our lookup and create
-            found = self.client.get_experiment_by_name(name)
+            found = self._call(self.client.get_experiment_by_name, name)
             if found is None:
                 raise
             return found.experiment_id
@@ -99,17 +144,44 @@ class Tracker:
     # -- runs -----------------------------------------------------------------------------------------------
     def start_run(self, run_name: str | None = None, tags: Mapping[str, Any] | None = None,
                   parent_run_id: str | None = None) -> str:
-        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        token = uuid.uuid4().hex
+        all_tags = {k: mask_url(v) for k, v in (tags or {}).items()}
+        all_tags["pitsearch.run_token"] = token
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags)
-        return run.info.run_id
+        attempts = []
+
+        def create() -> str:
+            if attempts:  # the previous attempt may have created the run before the connection dropped
+                found = self.client.search_runs([self.experiment_id], f"tags.`pitsearch.run_token` = '{token}'",
+                                                max_results=1)
+                if found:
+                    return found[0].info.run_id
+            attempts.append(1)
+            return self.client.create_run(self.experiment_id, run_name=run_name, tags=all_tags).info.run_id
+
+        return self._call(create)
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        self.client.set_terminated(run_id, status=status)
+        self._call(self.client.set_terminated, run_id, status=status)
+
+    def set_run_status(self, run_id: str, status: str) -> None:
+        self._call(self.client.update_run, run_id, status=status)
+
+    def delete_run(self, run_id: str) -> None:
+        self._call(self.client.delete_run, run_id)
 
     def run_status(self, run_id: str) -> str:
-        return self.client.get_run(run_id).info.status
+        return self._call(self.client.get_run, run_id).info.status
+
+    def run_exists(self, run_id: str) -> bool:
+        """True for an active (not deleted) run."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._call(self.client.get_run, run_id).info.lifecycle_stage == "active"
+        except MlflowException:
+            return False
 
     def run_url(self, run_id: str) -> str:
         """What to open in `mlflow ui`: the run page, with the classic (non-GenAI) view selected."""
@@ -121,43 +193,66 @@ class Tracker:
 
         items = [Param(k, _param_value(v)) for k, v in params.items()]
         for i in range(0, len(items), _PARAMS_PER_BATCH):
-            self.client.log_batch(run_id, params=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
+            self._call(self.client.log_batch, run_id, params=items[i:i + _PARAMS_PER_BATCH], synchronous=True)
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """One epoch's metrics in one request; retried as a whole (the store drops exact duplicates)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
         for i in range(0, len(items), _METRICS_PER_BATCH):
-            self.client.log_batch(run_id, metrics=items[i:i + _METRICS_PER_BATCH], synchronous=True)
+            self._call(self.client.log_batch, run_id, metrics=items[i:i + _METRICS_PER_BATCH], synchronous=True)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        items = [RunTag(k, mask_url(v)) for k, v in tags.items()]
         if items:
-            self.client.log_batch(run_id, tags=items, synchronous=True)
+            self._call(self.client.log_batch, run_id, tags=items, synchronous=True)
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(run_id, str(path), artifact_path)
+        self._call(self.client.log_artifact, run_id, str(path), artifact_path)
 
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
-        self.client.log_text(run_id, text, artifact_file)
+        self._call(self.client.log_text, run_id, mask_url(text), artifact_file)
 
     def log_json(self, run_id: str, obj: Any, artifact_file: str) -> None:
-        self.client.log_text(run_id, json.dumps(obj, indent=2, default=str), artifact_file)
+        self.log_text(run_id, json.dumps(mask_secrets(obj), indent=2, default=str), artifact_file)
 
     def log_figure(self, run_id: str, figure: Any, artifact_file: str) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / Path(artifact_file).name
             figure.savefig(path, dpi=110, bbox_inches="tight")
             parent = str(Path(artifact_file).parent)
-            self.client.log_artifact(run_id, str(path), None if parent == "." else parent)
+            self.log_artifact(run_id, path, None if parent == "." else parent)
 
     def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        return [(m.step, m.value) for m in self.client.get_metric_history(run_id, key)]
+        return [(m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key)]
+
+
+def is_transient_mlflow_error(error: BaseException) -> bool:
+    """Connection refused / reset / timed out, a server answering 429 / 502 / 503 / 504, a locked sqlite store."""
+    import requests
+    from mlflow.exceptions import MlflowException
+
+    for cause in error_chain(error):
+        if isinstance(cause, (ConnectionError, TimeoutError, requests.ConnectionError, requests.Timeout)):
+            return True
+        if isinstance(cause, requests.HTTPError) and cause.response is not None:
+            return cause.response.status_code in _RETRY_STATUSES
+        message = str(cause)
+        if "database is locked" in message:
+            return True
+        if isinstance(cause, MlflowException):
+            if message.startswith("API request to") and ("failed with exception" in message
+                                                         or "timeout" in message):
+                return True
+            return cause.get_http_status_code() in _RETRY_STATUSES
+    return False
 
 
 def _param_value(value: Any) -> str:
+    value = mask_secrets(value)
     text = json.dumps(value) if isinstance(value, (list, tuple, dict)) else str(value)
     return text if len(text) <= _PARAM_VALUE_MAX else text[:_PARAM_VALUE_MAX - 3] + "..."

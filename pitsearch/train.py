@@ -246,10 +246,11 @@ class _Progress:
     """A rich bar over epochs and batches plus one summary line per epoch."""
 
     def __init__(self, console, epochs: int, steps_per_epoch: int):
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.console = console or Console(stderr=True)
+        from pitsearch.console import make_console
+
+        self.console = console or make_console()
         self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=self.console, transient=True)
         self.epochs_task = self.bar.add_task("epochs", total=epochs)

@@ -54,6 +54,35 @@ def run_cli(args, cwd, module="pitsearch", timeout=300, env=None, check=False):
     return result
 
 
+# A tiny model on digits: a sweep whose trials take seconds. `extra`: more `sweep:` lines, each "  key: value\n".
+TINY_SWEEP = """# @package _global_
+defaults:
+  - /sweep_base@sweep: default
+  - override /data: digits
+model:
+  patch_size: 2
+  stride: 1
+  depths: [1, 1, 1]
+  heads: [1, 2, 4]
+  head_dims: [8, 8, 8]
+train:
+  epochs: {epochs}
+  progress: false
+  threads: 1
+tracking:
+  experiment: {name}
+sweep:
+  study_name: {name}
+  objectives: [{{metric: val/acc_best, direction: maximize}}]
+  sampler: {{name: grid}}
+  pruner: {pruner}
+  n_workers: {workers}
+  seeds: {seeds}
+{extra}  space:
+{space}
+"""
+
+
 def write_sweep(config_dir: Path, name: str, text: str) -> Path:
     """A user's own sweep file outside the repo: <config_dir>/sweep/<name>.yaml, used with --config-dir."""
     path = Path(config_dir) / "sweep" / f"{name}.yaml"

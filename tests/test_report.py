@@ -36,14 +36,16 @@ sweep:
 
 
 def run_tiny_sweep(tmp_path_factory) -> Path:
-    """A 2-trial sweep (conv / none, seed 0, 1 epoch on digits), run once per session: test_export reuses it.
+    """A 2-trial sweep (conv / none, seed 0, 1 epoch on digits, with the analyses), run once per session:
+    test_export reuses it.
     Returns its working directory (journal in pitsearch-sweeps/rtiny/, MLflow in mlflow.db)."""
     root = tmp_path_factory.getbasetemp() / "tiny-sweep"
     if not (root / "done").exists():
         root.mkdir(exist_ok=True)
         write_sweep(root / "cfg", "rtiny", TINY_SWEEP)
         run_cli(["--config-dir", root / "cfg", "+sweep=rtiny", *TINY, "train.epochs=1",
-                 "train.threads=1", "tracking.experiment=rtiny"], cwd=root, check=True)
+                 "train.threads=1", "tracking.experiment=rtiny", "eval.spatial=true", "eval.spatial_images=8",
+                 "eval.robustness=[occlusion,fgsm]", "eval.robustness_images=64"], cwd=root, check=True)
         (root / "done").write_text("ok")
     return root
 
@@ -170,7 +172,7 @@ def test_report_files_and_pngs(synthetic_report):
     for png in report.out_dir.glob("*.png"):
         assert png.read_bytes()[:8] == PNG_SIGNATURE, png.name
     text = (report.out_dir / "report.md").read_text()
-    assert "robust/fgsm_acc" in text and "![curves](curves.png)" in text
+    assert "FGSM acc" in text and "![curves](curves.png)" in text
     trials = read_csv(report.out_dir / "trials.csv")
     assert len(trials) == 16 and sum(t["state"] == "FAIL" for t in trials) == 1
 
@@ -221,3 +223,19 @@ def test_sweep_report_is_logged_to_the_parent_run(tmp_path_factory):
     delta = read_csv(out / "deltas.csv")[0]
     assert delta["variant"] == "model.pool=conv" and delta["baseline"] == "model.pool=none"
     assert study.user_attrs["sweep_spec"]["baseline"] == {"model.pool": "none"}
+
+
+@pytest.mark.slow
+def test_sweep_report_shows_the_analyses_of_each_variant(tmp_path_factory):
+    root = run_tiny_sweep(tmp_path_factory)
+    study = load_journal_study(root / "pitsearch-sweeps" / "rtiny" / "optuna-journal.log", "rtiny")
+    out = root / "pitsearch-sweeps" / "rtiny" / "report"
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        profile = trial.user_attrs["spatial"]
+        assert len(profile["distance_px"]) == 3 and profile["images"] == 8   # depths [1, 1, 1]
+        assert trial.user_attrs["final"]["spatial/mean_distance_px"] == pytest.approx(
+            sum(profile["distance_px"]) / 3)
+    assert (out / "spatial.png").read_bytes()[:8] == PNG_SIGNATURE
+    header = (out / "variants.csv").read_text().splitlines()[0]
+    for metric in ("robust/occlusion_acc", "robust/fgsm_acc", "spatial/mean_interaction_ratio"):
+        assert f"{metric} mean" in header, header

@@ -13,43 +13,15 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import mlflow_runs, run_cli, write_sweep
+from conftest import TINY_SWEEP, mlflow_runs, run_cli, write_sweep
 
 pytestmark = pytest.mark.slow
-
-TINY_SWEEP = """# @package _global_
-defaults:
-  - /sweep_base@sweep: default
-  - override /data: digits
-model:
-  patch_size: 2
-  stride: 1
-  depths: [1, 1, 1]
-  heads: [1, 2, 4]
-  head_dims: [8, 8, 8]
-train:
-  epochs: {epochs}
-  progress: false
-  threads: 1
-tracking:
-  experiment: {name}
-sweep:
-  study_name: {name}
-  objectives: [{{metric: val/acc_best, direction: maximize}}]
-  sampler: {{name: grid}}
-  pruner: {pruner}
-  n_workers: {workers}
-  seeds: {seeds}
-  space:
-{space}
-"""
-
 
 def tiny_sweep(tmp_path: Path, name: str, space: str = "    model.pool: {choices: [conv, none]}", epochs: int = 1,
                workers: int = 1, seeds: str = "[0, 1]", pruner: str = "{name: none}") -> Path:
     config_dir = tmp_path / "cfg"
     write_sweep(config_dir, name, TINY_SWEEP.format(name=name, space=space, epochs=epochs, workers=workers,
-                                                    seeds=seeds, pruner=pruner))
+                                                    seeds=seeds, pruner=pruner, extra=""))
     return config_dir
 
 
@@ -73,6 +45,7 @@ def test_tiny_grid_makes_a_parent_with_one_child_per_trial_and_resumes_as_comple
     config_dir = tiny_sweep(tmp_path, "tiny_grid", epochs=2)
     first = run_cli(["--config-dir", config_dir, "+sweep=tiny_grid", "sweep.report=false"], cwd=tmp_path, check=True)
     assert first.stderr.count(" COMPLETE ") == 4, first.stderr
+    assert "Group by the tag model.pool" in first.stderr   # the swept tag, so the UI shows one curve per variant
     study = load_study(tmp_path, "tiny_grid")
     assert states(study) == {"COMPLETE": 4}
     assert set(completed_cells(study).values()) == {1}

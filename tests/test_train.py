@@ -108,11 +108,15 @@ def test_relative_sqlite_uri_is_made_absolute(tmp_path):
 
 
 def test_cli_trains_logs_and_prints_where_to_look(tmp_path):
-    result = run_cli(TINY + ["train.epochs=2"], cwd=tmp_path, check=True)
+    # stderr to a pipe and no COLUMNS, as in a worker's log file: the link must not be wrapped at 80 columns
+    result = run_cli(TINY + ["train.epochs=2"], cwd=tmp_path, check=True, env={"COLUMNS": ""})
     assert "COMPLETE: val/acc_best" in result.stderr
     assert "mlflow ui --backend-store-uri sqlite:///" in result.stderr
     client, runs = mlflow_runs(tmp_path / "mlflow.db", "pitsearch")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    link = f"/runs/{runs[0].info.run_id}"
+    assert any(line.startswith("browse: mlflow ui") and link in line for line in result.stderr.splitlines()), \
+        result.stderr
     assert len(client.get_metric_history(runs[0].info.run_id, "val/acc")) == 2
 
 

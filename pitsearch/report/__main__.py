@@ -32,8 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from rich.console import Console
-
+    from pitsearch.console import make_console
     from pitsearch.errors import ConfigError
     from pitsearch.report.source import (
         ReportSpec,
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
         parse_baseline,
     )
 
-    console = Console(stderr=True)
+    console = make_console()
     try:
         baseline = parse_baseline(args.baseline)
         study, storage_dir = open_study(args.study, args.storage)

@@ -25,7 +25,9 @@ CORE_METRICS = ("val/acc_best", "train/loss", "gen/gap", "perf/img_per_s")
 EXTRA_PREFIXES = ("robust/", "spatial/")   # analyses a sweep may add; they become columns on their own
 COST_METRICS = ("macs", "params")
 SHORT_NAMES = {"val/acc_best": "val acc best", "train/loss": "train loss", "gen/gap": "gen gap",
-               "perf/img_per_s": "img/s"}
+               "perf/img_per_s": "img/s", "robust/clean_acc": "clean acc", "robust/occlusion_acc": "occlusion acc",
+               "robust/fgsm_acc": "FGSM acc", "spatial/mean_interaction_ratio": "interaction ratio",
+               "spatial/mean_distance_px": "attn distance px", "spatial/mean_entropy": "attn entropy"}
 
 
 def table_metrics(records: list[dict[str, Any]], objectives: Sequence[tuple[str, str]]) -> list[str]:

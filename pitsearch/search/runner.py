@@ -3,6 +3,10 @@ keep the parent's summary fresh, report at the end.
 
 Order matters: the whole sweep file is validated, then the MLflow store, the experiment, the study and the
 parent run are created once, here, before any worker starts (SQLite and racing creators do not mix).
+
+On a cluster every machine runs this same command against one database storage and one MLflow server: the
+process that creates the study creates the parent run; the others wait for its id to appear in the study.
+A server lost for longer than `sweep.retry_timeout_s` ends the command with one line and exit status 3.
 """
 
 from __future__ import annotations
@@ -13,13 +17,17 @@ import time
 from typing import Any
 
 from pitsearch.experiment import to_container, validate_config
+from pitsearch.masking import mask_url
+from pitsearch.retry import ServiceUnavailable
 from pitsearch.search.compose import TrialComposer
+from pitsearch.search.space import SEED_PATH
 from pitsearch.search.spec import SweepSpec, parse_sweep
-from pitsearch.search.worker import WorkerContext, budget_reached, run_worker, worker_process_main
-from pitsearch.search.storage import mask_url
+from pitsearch.search.worker import (EXIT_SERVICE_UNAVAILABLE, WorkerAbort, WorkerContext, budget_reached,
+                                     reap_dead_workers, run_worker, worker_process_main)
 from pitsearch.tracking import flatten
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
+PARENT_WAIT_S = 30.0   # how long a joining machine waits for the study's creator to make the parent run
 
 
 def config_paths(cfg: dict[str, Any]) -> list[str]:
@@ -32,11 +40,20 @@ def config_paths(cfg: dict[str, Any]) -> list[str]:
 
 
 def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]:
-    from rich.console import Console
+    from pitsearch.console import make_console
 
+    console = make_console()
+    try:
+        return _run_sweep(cfg, composer, console)
+    except (ServiceUnavailable, WorkerAbort) as error:
+        console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
+        raise SystemExit(EXIT_SERVICE_UNAVAILABLE) from None
+
+
+def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, Any]:
     from pitsearch.tracking import Tracker
 
-    console = Console(stderr=True)
+    _mask_hydra_record()
     base_dir = os.getcwd()
     composer = composer or TrialComposer.from_hydra()
     cfg = to_container(cfg)
@@ -49,9 +66,10 @@ def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]
 
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     tracking_cfg = dict(cfg.get("tracking") or {})
-    tracker = Tracker.from_config(tracking_cfg, base_dir) if tracking_cfg.get("enabled", True) else None
-    study = _open_or_create_study(spec)
-    parent_run_id = _ensure_parent_run(study, spec, tracker, cfg) if tracker else None
+    tracker = (Tracker.from_config(tracking_cfg, base_dir, retry_timeout_s=spec.retry_timeout_s)
+               if tracking_cfg.get("enabled", True) else None)
+    study, created = _create_or_join_study(spec)
+    parent_run_id = _ensure_parent_run(study, spec, tracker, cfg, created) if tracker else None
     _requeue_lost_trials(study, tracker, console)
 
     if budget_reached(study, spec) and not _running(study):
@@ -62,53 +80,103 @@ def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]
 
     console.print(f"sweep {spec.study_name!r}: {spec.n_trials} trials, {len(worker_devices(spec, cfg['train'].get('device')))} "
                   f"worker(s), storage "
-                  f"{mask_url(str(spec.storage or spec.output_dir / 'optuna-journal.log'))}")
+                  f"{mask_url(str(spec.storage or spec.output_dir / 'optuna-journal.log'))}"
+                  + (f", MLflow {mask_url(tracker.uri)}" if tracker else ""), markup=False, highlight=False)
     contexts = _worker_contexts(spec, composer, cfg, known, base_dir, tracking_cfg, parent_run_id)
     monitor = _Monitor(study, spec, tracker, parent_run_id, console)
     monitor.start()
-    interrupted = False
+    interrupted = lost = False
     try:
         if len(contexts) == 1:
             run_worker(contexts[0], emit=console.print, tracker=tracker)
         else:
-            _run_processes(contexts, console)
+            lost = _run_processes(contexts, console)
     except KeyboardInterrupt:
         interrupted = True
         console.print("interrupted: the running trial is marked and will run again when this command is repeated")
+    except WorkerAbort:
+        lost = True
+        raise
     finally:
-        monitor.stop()
+        monitor.stop(refresh=not lost)
+    if lost:
+        raise SystemExit(EXIT_SERVICE_UNAVAILABLE)  # the workers said why
     return _finish(study, spec, tracker, parent_run_id, console, interrupted=interrupted, trained=True)
 
 
+def _mask_hydra_record() -> None:
+    """Hydra saved the command line (`sweep.storage=postgresql://user:password@...`) under its output dir
+    before this job started; mask the passwords there too."""
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+        return
+    record = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
+    for path in record.glob("*.yaml"):
+        text = path.read_text()
+        if mask_url(text) != text:
+            path.write_text(mask_url(text))
+
+
 def _open_or_create_study(spec: SweepSpec):
+    return _create_or_join_study(spec)[0]
+
+
+def _create_or_join_study(spec: SweepSpec):
+    """The study, and whether this process created it (and so owes it the MLflow parent run)."""
+    import optuna
+
     from pitsearch.search.storage import make_storage
     from pitsearch.search.study import load_or_create_study, make_pruner, make_sampler
 
-    storage = make_storage(spec.storage, spec.output_dir)
+    storage = make_storage(spec.storage, spec.output_dir, heartbeat_interval=spec.heartbeat_interval_s,
+                           retry_timeout_s=spec.retry_timeout_s)
+    try:  # creating a study is atomic (its name is unique): exactly one racing machine gets created=True
+        storage.create_new_study([optuna.study.StudyDirection[d.upper()] for d in spec.directions], spec.study_name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
     return load_or_create_study(spec.study_name, storage, make_sampler(spec.sampler, spec.space, len(spec.objectives)),
-                                make_pruner(spec.pruner, len(spec.objectives)), spec.directions)
+                                make_pruner(spec.pruner, len(spec.objectives)), spec.directions), created
 
 
 def _requeue_lost_trials(study, tracker, console) -> None:
-    """Trials whose worker died (killed, power loss) are failed, their MLflow runs closed as FAILED, and their
-    cells queued to run again. (A Ctrl-C'd trial was already failed and queued by its worker.)"""
-    from pitsearch.search.trials import fail_stale_running
+    """Trials whose worker died (killed, power loss, silent heartbeat) are failed, their MLflow runs closed as
+    FAILED, and their cells queued to run again. (A Ctrl-C'd trial was already failed and queued by its
+    worker.) Runs left RUNNING by a worker that lost the MLflow server are closed too."""
+    from optuna.trial import TrialState
 
-    for trial in fail_stale_running(study):
-        console.print(f"trial {trial.number} was left RUNNING by a dead worker: marked FAIL, queued again")
+    reap_dead_workers(study, tracker, lambda line: console.print(line, markup=False, highlight=False))
+    if tracker is None:
+        return
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         run_id = trial.user_attrs.get("mlflow_run_id")
-        if tracker is not None and run_id and _run_exists(tracker, run_id):
-            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": "worker died"})
+        if run_id and "unreachable" in str(trial.user_attrs.get("fail_reason", "")) and _run_exists(tracker, run_id) \
+                and tracker.run_status(run_id) == "RUNNING":
+            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL",
+                                      "reason": trial.user_attrs["fail_reason"][:5000]})
             tracker.end_run(run_id, status="FAILED")
 
 
-def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any]) -> str:
-    """The study's one parent run: found through the study's user attributes, created if missing."""
+def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any], created: bool = True) -> str:
+    """The study's one parent run: found through the study's user attributes, created if missing.
+
+    Machines starting together: the one that created the study creates the run; the others wait (up to
+    PARENT_WAIT_S) for its id to appear. A re-read after writing settles any remaining race.
+    """
     import yaml
 
     run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if not run_id and not created and not study.get_trials(deepcopy=False):
+        deadline = time.monotonic() + PARENT_WAIT_S
+        while not run_id and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if run_id and _run_exists(tracker, run_id):
-        tracker.client.update_run(run_id, status="RUNNING")
+        if tracker.run_status(run_id) != "RUNNING":
+            tracker.set_run_status(run_id, "RUNNING")
         return run_id
     run_id = tracker.start_run(run_name=spec.study_name, tags={
         "pitsearch.kind": "sweep", "sweep": spec.study_name, "n_trials": spec.n_trials,
@@ -123,7 +191,7 @@ def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any]) -> 
     time.sleep(0.2)  # another machine may have raced us: the study's value wins, ours is dropped
     winner = study.user_attrs.get(PARENT_RUN_ATTR)  # a fresh read of the storage
     if winner != run_id and winner and _run_exists(tracker, winner):
-        tracker.client.delete_run(run_id)
+        tracker.delete_run(run_id)
         return winner
     study.set_user_attr("mlflow_tracking_uri", mask_url(tracker.uri))
     study.set_user_attr("mlflow_experiment_id", tracker.experiment_id)
@@ -136,12 +204,7 @@ def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any]) -> 
 
 
 def _run_exists(tracker, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return tracker.client.get_run(run_id).info.lifecycle_stage == "active"
-    except MlflowException:
-        return False
+    return tracker.run_exists(run_id)
 
 
 def worker_devices(spec: SweepSpec, train_device: str | None) -> list[str | None]:
@@ -176,7 +239,8 @@ def _worker_contexts(spec: SweepSpec, composer, cfg, known, base_dir, tracking_c
     return contexts
 
 
-def _run_processes(contexts: list[WorkerContext], console) -> None:
+def _run_processes(contexts: list[WorkerContext], console) -> bool:
+    """Run one spawned process per worker; True when one of them lost a server (it printed why)."""
     import multiprocessing as mp
     import queue as queue_module
 
@@ -201,6 +265,7 @@ def _run_processes(contexts: list[WorkerContext], console) -> None:
             if process.is_alive():
                 process.terminate()
             process.join(timeout=10)
+    return any(p.exitcode == EXIT_SERVICE_UNAVAILABLE for p in processes)
 
 
 def _finished(study) -> int:
@@ -234,10 +299,11 @@ class _Monitor:
         self.bar.start()
         self._thread.start()
 
-    def stop(self) -> None:
+    def stop(self, refresh: bool = True) -> None:
         self._stop.set()
         self._thread.join(timeout=30)
-        self.refresh()
+        if refresh:
+            self.refresh()
         self.bar.stop()
 
     def _loop(self) -> None:
@@ -271,12 +337,22 @@ def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted
     else:
         summary = print_summary(study, spec, console)
     if tracker is not None:
-        # An unfinished sweep's parent is KILLED; resuming sets it RUNNING again.
-        tracker.end_run(parent_run_id, status="FINISHED" if complete and not interrupted else "KILLED")
-        console.print(f"MLflow parent run {parent_run_id} ({spec.study_name}) in {mask_url(tracker.uri)}")
-        if tracker.uri.startswith("sqlite:///"):
+        # An unfinished sweep's parent is KILLED (resuming sets it RUNNING again), unless workers elsewhere are
+        # still at it: then it stays RUNNING, and the last machine to finish closes it.
+        if complete and not interrupted:
+            tracker.end_run(parent_run_id, status="FINISHED")
+        elif not _running(study):
+            tracker.end_run(parent_run_id, status="KILLED")
+        console.print(f"MLflow parent run {parent_run_id} ({spec.study_name}) in {mask_url(tracker.uri)}",
+                      markup=False, highlight=False)
+        swept = [name for name in spec.space.names if name != SEED_PATH]
+        group_by = "the tag " + " / ".join(swept) if swept else "the tag variant"
+        if tracker.uri.startswith(("http://", "https://")):
+            console.print(f"browse: {mask_url(tracker.uri).rstrip('/')}/{tracker.run_url(parent_run_id)} ; in the "
+                          f"experiment's runs table, Group by {group_by}", markup=False, highlight=False)
+        elif tracker.uri.startswith("sqlite:///"):
             console.print(f"browse: mlflow ui --backend-store-uri {tracker.uri}  then open "
                           f"http://127.0.0.1:5000/{tracker.run_url(parent_run_id)} ; in the experiment's runs "
-                          "table, Group by the swept tag (e.g. model.pool)")
+                          f"table, Group by {group_by}", markup=False, highlight=False)
     summary["interrupted"] = interrupted
     return summary

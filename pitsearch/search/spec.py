@@ -26,6 +26,9 @@ SWEEP_KEYS = {
     "output_dir": "where the journal, logs and reports go; null = <cwd>/pitsearch-sweeps/<study_name>",
     "max_failures": "stop after this many failed trials in one invocation; null = max(10, n_trials)",
     "report": "write the report when the sweep ends (true/false)",
+    "retry_timeout_s": "seconds a worker waits out a lost database / MLflow server before failing its trial",
+    "heartbeat_interval_s": "database storages: seconds between a running trial's heartbeats; a trial silent "
+                            "for twice as long is failed and queued again",
 }
 STATIC_METRICS = ("macs", "params")  # objectives known before training
 
@@ -47,6 +50,8 @@ class SweepSpec:
     report: bool = True
     gpus: list[int] | None = None
     trials_per_gpu: int = 1
+    retry_timeout_s: float = 60.0
+    heartbeat_interval_s: int = 60
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -114,6 +119,13 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     max_failures = node.get("max_failures") or max(10, n_trials)
     if not isinstance(max_failures, int) or max_failures <= 0:
         raise ConfigError("sweep.max_failures", f"must be a positive integer, got {max_failures!r}")
+    retry_timeout_s = node.get("retry_timeout_s", 60)
+    if isinstance(retry_timeout_s, bool) or not isinstance(retry_timeout_s, (int, float)) or retry_timeout_s < 0:
+        raise ConfigError("sweep.retry_timeout_s", f"must be a number of seconds >= 0, got {retry_timeout_s!r}")
+    heartbeat_interval_s = node.get("heartbeat_interval_s", 60)
+    if isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int) or heartbeat_interval_s < 1:
+        raise ConfigError("sweep.heartbeat_interval_s", f"must be a whole number of seconds >= 1, "
+                                                        f"got {heartbeat_interval_s!r}")
     base = Path(base_dir or os.getcwd()).resolve()
     output_dir = Path(node.get("output_dir") or base / "pitsearch-sweeps" / study_name)
     output_dir = output_dir if output_dir.is_absolute() else (base / output_dir).resolve()
@@ -121,7 +133,8 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
                      n_trials=n_trials, storage=node.get("storage"), n_workers=n_workers, space=space,
                      output_dir=output_dir, budget=budget, baseline=baseline, max_failures=max_failures,
                      report=bool(node.get("report", True)), raw=dict(node),
-                     gpus=list(gpus) if gpus is not None else None, trials_per_gpu=trials_per_gpu)
+                     gpus=list(gpus) if gpus is not None else None, trials_per_gpu=trials_per_gpu,
+                     retry_timeout_s=float(retry_timeout_s), heartbeat_interval_s=heartbeat_interval_s)
 
 
 def _named(node: Any, key: str) -> dict[str, Any]:

@@ -18,6 +18,11 @@ from pitsearch.search.space import SearchSpace
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 
 
+class TrialAlreadyFinished(optuna.exceptions.UpdateFinishedTrialError, ValueError):
+    """`tell` on a trial that is already finished: Optuna's ValueError, typed like the storage's error for any
+    other write to a finished trial."""
+
+
 def tell(
     study: optuna.Study,
     trial: optuna.Trial | int,
@@ -26,9 +31,14 @@ def tell(
 ) -> FrozenTrial:
     """`study.tell` for ask/tell loops. GridSampler calls `study.stop()` after the last cell's tell,
     which raises RuntimeError outside `study.optimize` although the trial is already recorded; that
-    one error is swallowed (the budget says when to stop)."""
+    one error is swallowed (the budget says when to stop). Telling a trial that another worker already
+    failed raises `UpdateFinishedTrialError`, as the storage does for any write to it."""
     try:
         return study.tell(trial, values, state)
+    except ValueError as e:
+        if "Cannot tell a" in str(e):  # another worker failed it meanwhile (a missed heartbeat)
+            raise TrialAlreadyFinished(str(e)) from e
+        raise
     except RuntimeError as e:
         if "Study.stop" not in str(e):
             raise
@@ -138,25 +148,37 @@ def fail_stale_running(
 ) -> list[FrozenTrial]:
     """Mark RUNNING trials left by dead workers FAIL and re-queue them; returns the failed trials.
 
-    A trial is stale when its `user_attrs["worker"]` (`host:pid`) names this host and that pid is gone.
-    Trials of other hosts are left to the RDB heartbeat (checked here too), unless `older_than_s` is
-    given: then a trial whose liveness cannot be checked here and which started longer ago is failed too.
-    A trial of a live local pid is never touched. Each failed trial is re-queued (same params, same grid
-    cell) up to `max_retry` times in its retry chain; 0 disables that.
+    Two ways to tell a trial is dead: its `user_attrs["worker"]` (`host:pid`) names this host and that pid is
+    gone; or (RDB storages, any host) its heartbeat has been silent for longer than the storage's grace period.
+    With `older_than_s`, a trial whose liveness cannot be checked either way and which started longer ago is
+    failed too. A trial of a live local pid is never touched. Each failed trial is re-queued (same params, same
+    grid cell) up to `max_retry` times in its retry chain; 0 disables that.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)  # no-op unless an RDB heartbeat is configured
     host = socket.gethostname()
     now = time.time()
     retry = RetryStaleTrialCallback(max_retry)
+    silent = set(_heartbeat_stale_ids(study))
     failed = []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = _stale_reason(t, host, now, older_than_s)
+        if reason is None and t._trial_id in silent:
+            reason = f"worker {t.user_attrs.get('worker', 'unknown')} stopped its heartbeat"
         if reason is not None and _fail(study, t, reason):
             failed.append(study._storage.get_trial(t._trial_id))
             retry(study, failed[-1])
     return failed
+
+
+def _heartbeat_stale_ids(study: optuna.Study) -> list[int]:
+    """Trials whose heartbeat is older than the grace period: what `optuna.storages.fail_stale_trials` fails
+    (it runs before each ask in `study.optimize`); done here so that the reason is recorded and the failed
+    trials' MLflow runs can be closed."""
+    from optuna.storages._heartbeat import is_heartbeat_enabled
+
+    storage = study._storage
+    if not is_heartbeat_enabled(storage):
+        return []
+    return list(storage._get_stale_trial_ids(study._study_id))
 
 
 def requeue_failed(study: optuna.Study, space: SearchSpace, max_retry: int | None = 2) -> list[int]:

@@ -3,6 +3,11 @@
 A worker is long-lived: imports, the CUDA context and the data upload are paid once, and trials run in-process
 one after another. Whatever goes wrong inside a trial (bad config, over budget, NaN, out of memory, any
 exception) ends that trial with its reason recorded; only Ctrl-C stops the worker, after marking the trial.
+
+On a cluster, workers on many machines share one database storage and one MLflow server. A running trial beats
+its heartbeat; before each ask a worker fails (and queues again) the trials of workers that died, here or on
+another machine. A server that stays unreachable for `sweep.retry_timeout_s` ends the worker: its trial is
+marked FAIL and queued again where the storage is reachable, and `WorkerAbort` carries one line to print.
 """
 
 from __future__ import annotations
@@ -15,10 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from pitsearch.errors import ConfigError
+from pitsearch.masking import mask_secrets
+from pitsearch.retry import ServiceUnavailable
 from pitsearch.search.compose import TrialComposer
+from pitsearch.search.storage import TrialHeartbeat
 from pitsearch.search.trials import RetryStaleTrialCallback, mark_worker, tell
 from pitsearch.train import StopRun
 
+EXIT_SERVICE_UNAVAILABLE = 3   # exit status of a worker (and `python -m pitsearch`) that lost a server
+
+
+class WorkerAbort(RuntimeError):
+    """A worker gave up on a server; the message is the one line to show."""
 
 
 @dataclass
@@ -41,7 +54,8 @@ def open_study(spec, worker_index: int = 0):
     from pitsearch.search.storage import make_storage
     from pitsearch.search.study import make_pruner, make_sampler
 
-    storage = make_storage(spec.storage, spec.output_dir)
+    storage = make_storage(spec.storage, spec.output_dir, heartbeat_interval=spec.heartbeat_interval_s,
+                           retry_timeout_s=spec.retry_timeout_s)
     return optuna.load_study(study_name=spec.study_name, storage=storage,
                              sampler=make_sampler(spec.sampler, spec.space, len(spec.objectives),
                                                   worker_index=worker_index),
@@ -77,26 +91,101 @@ def _grid_cell(params: dict[str, Any], grid: dict[str, list]) -> tuple:
 
 def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=None) -> dict[str, int]:
     """The worker loop. Returns counts of trial states it produced. An in-process worker reuses the caller's
-    `tracker` (opening an MLflow store costs about a second)."""
+    `tracker` (opening an MLflow store costs about a second). Raises `WorkerAbort` when a server is lost."""
+    import optuna
+
     from pitsearch.search.spec import parse_sweep
     from pitsearch.tracking import Tracker
 
     spec = parse_sweep(ctx.sweep_node, known_paths=ctx.known_paths, base_dir=ctx.base_dir)
-    study = open_study(spec, ctx.worker_index)
-    if tracker is None and ctx.tracking.get("enabled", True):
-        tracker = Tracker.from_config(ctx.tracking, ctx.base_dir)
+    try:
+        study = open_study(spec, ctx.worker_index)
+        if tracker is None and ctx.tracking.get("enabled", True):
+            tracker = Tracker.from_config(ctx.tracking, ctx.base_dir, retry_timeout_s=spec.retry_timeout_s)
+    except ServiceUnavailable as error:
+        raise WorkerAbort(f"worker {ctx.worker_index}: {error}") from error
     datasets: dict[str, Any] = {}
     counts = {"COMPLETE": 0, "PRUNED": 0, "FAIL": 0}
-    while counts["FAIL"] < spec.max_failures and not budget_reached(study, spec):
-        trial = study.ask()
-        state = _run_trial(trial, study, spec, ctx, tracker, datasets, emit)
+    while counts["FAIL"] < spec.max_failures:
+        trial, run = None, {}
+        try:
+            reap_dead_workers(study, tracker, emit)
+            if budget_reached(study, spec):
+                break
+            trial = _ask(study)
+            with TrialHeartbeat(study, trial._trial_id):
+                state = _run_trial(trial, study, spec, ctx, tracker, datasets, emit, run)
+        except ServiceUnavailable as error:
+            raise WorkerAbort(_abandon(trial, run.get("id"), study, tracker, ctx, error)) from error
+        except optuna.exceptions.UpdateFinishedTrialError:
+            if trial is None:
+                raise
+            # Another worker failed this trial while it ran (its heartbeat looked silent for longer than the
+            # grace period) and queued its cell again; the copy runs elsewhere.
+            emit(f"trial {trial.number:4d} was failed by another worker (missed heartbeats?); its cell is queued "
+                 "again")
+            state = "FAIL"
         counts[state] = counts.get(state, 0) + 1
     if counts["FAIL"] >= spec.max_failures:
         emit(f"worker {ctx.worker_index}: stopping after {counts['FAIL']} failed trials (sweep.max_failures)")
     return counts
 
 
-def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) -> str:
+def reap_dead_workers(study, tracker, emit: Callable[[str], None] = print) -> list:
+    """Fail and queue again the trials of dead workers (a local pid that is gone, or a silent heartbeat on
+    any machine), and close their MLflow runs as FAILED. Returns the failed trials."""
+    from pitsearch.search.trials import fail_stale_running
+
+    failed = fail_stale_running(study)
+    for trial in failed:
+        emit(f"trial {trial.number:4d} was left RUNNING by a dead worker ({trial.user_attrs.get('fail_reason')}): "
+             "marked FAIL, queued again")
+        run_id = trial.user_attrs.get("mlflow_run_id")
+        if tracker is not None and run_id and tracker.run_exists(run_id):
+            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": "worker died"})
+            tracker.end_run(run_id, status="FAILED")
+    return failed
+
+
+def _ask(study, fixed_distributions=None):
+    import warnings
+
+    with warnings.catch_warnings():  # the heartbeat is beaten by _Heartbeat, not by study.optimize
+        warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
+        return study.ask(fixed_distributions)
+
+
+def _abandon(trial, run_id: str | None, study, tracker, ctx: WorkerContext, error: ServiceUnavailable) -> str:
+    """A server is gone: record what still can be recorded, on the server that is still there, and say so."""
+    from optuna.trial import TrialState
+
+    if trial is None:
+        return f"worker {ctx.worker_index}: {error}"
+    done = []
+    lost_storage = error.service == "Optuna storage"
+    if not lost_storage:
+        try:
+            trial.set_user_attr("fail_reason", str(error))
+            frozen = tell(study, trial, state=TrialState.FAIL)
+            RetryStaleTrialCallback(max_retry=None)(study, frozen)
+            done.append("marked FAIL and queued again")
+        except Exception:  # noqa: BLE001 - best effort; the heartbeat check of other workers catches it too
+            pass
+    if tracker is not None and run_id and error.service != "MLflow tracking server":
+        try:
+            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": str(error)[:5000]})
+            tracker.end_run(run_id, status="FAILED")
+        except Exception:  # noqa: BLE001
+            pass
+    if lost_storage:
+        done.append("left to other workers' heartbeat check")
+    return f"worker {ctx.worker_index}: trial {trial.number} {' and '.join(done) or 'not recorded'}: {error}"
+
+
+def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit, run: dict) -> str:
+    """One trial, told. `run["id"]` gets its MLflow run id as soon as it exists. A server lost for good
+    (here, or inside training, where run_experiment would record it as an ordinary failure) raises
+    `ServiceUnavailable`."""
     from optuna.trial import TrialState
 
     from pitsearch.experiment import prepare, run_experiment
@@ -116,7 +205,7 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) 
         prepared = prepare(cfg, dataset=datasets.get(data_key))
         datasets[data_key] = prepared.dataset
         stats = prepared.stats
-        trial.set_user_attr("config", prepared.cfg)
+        trial.set_user_attr("config", mask_secrets(prepared.cfg))
         trial.set_user_attr("macs", stats["macs"])
         trial.set_user_attr("params", stats["params"])
         _check_budget(stats, spec.budget)
@@ -124,20 +213,31 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) 
         return _fail_untrained(trial, study, spec, tracker, ctx, run_name, tags, str(error), started, emit)
 
     objective_metric = spec.objectives[0][0]
+    lost: list[ServiceUnavailable] = []
 
     def report_and_prune(epoch: int, metrics: dict[str, float]) -> None:
         if not spec.prunable or objective_metric not in metrics:
             return
         value = metrics[objective_metric]
-        if value == value:  # NaN is never reported: a diverged run is stopped by the trainer itself
-            trial.report(value, epoch)
-        if trial.should_prune():
+        try:
+            if value == value:  # NaN is never reported: a diverged run is stopped by the trainer itself
+                trial.report(value, epoch)
+            prune = trial.should_prune()
+        except ServiceUnavailable as error:
+            lost.append(error)
+            raise
+        if prune:
             raise StopRun(f"pruned at epoch {epoch} ({objective_metric}={value:.4f})", state="PRUNED")
 
+    def run_started(run_id: str) -> None:
+        run["id"] = run_id
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+    give_ups = tracker.give_ups if tracker is not None else 0
     try:
         result = run_experiment(prepared.cfg, prepared=prepared, tracker=tracker, parent_run_id=ctx.parent_run_id,
                                 run_name=run_name, tags=tags, callbacks=[report_and_prune],
-                                on_run_started=lambda run_id: trial.set_user_attr("mlflow_run_id", run_id))
+                                on_run_started=run_started)
     except KeyboardInterrupt:
         trial.set_user_attr("fail_reason", "interrupted")
         frozen = tell(study, trial, state=TrialState.FAIL)
@@ -148,6 +248,10 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) 
         del prepared  # nothing of a finished trial may stay alive in a long-lived worker
         gc.collect()
 
+    if tracker is not None and tracker.give_ups > give_ups:
+        lost.append(tracker.last_give_up)
+    if lost:
+        raise lost[0]
     wall = time.perf_counter() - started
     final = result.final
     trial.set_user_attr("mlflow_run_id", result.run_id)
@@ -156,6 +260,8 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit) 
     trial.set_user_attr("train_seconds", result.train_seconds)
     trial.set_user_attr("eval_seconds", result.eval_seconds)
     trial.set_user_attr("wall_seconds", wall)
+    if result.analysis.get("spatial"):   # the report overlays the variants' per-block profiles
+        trial.set_user_attr("spatial", result.analysis["spatial"])
     if result.reason:
         trial.set_user_attr("fail_reason" if result.state == "FAILED" else "prune_reason", result.reason)
     if result.state == "COMPLETE":
@@ -212,6 +318,7 @@ def _tag_value(value: Any) -> str:
 def worker_process_main(ctx: WorkerContext, queue) -> None:
     """Entry of a spawned worker process: its lines go to the parent, which prints them."""
     import signal
+    import sys
 
     signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
@@ -220,3 +327,6 @@ def worker_process_main(ctx: WorkerContext, queue) -> None:
         pass
     except ConfigError as error:
         queue.put(f"error: {error}")
+    except WorkerAbort as error:
+        queue.put(f"error: {error}")
+        sys.exit(EXIT_SERVICE_UNAVAILABLE)
