@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, TypeVar
 
 from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_secrets, mask_url
-from pitsearch.retry import DEFAULT_TIMEOUT_S, ServiceUnavailable, error_chain, retry_call
+from pitsearch.retry import DEFAULT_TIMEOUT_S, ServiceUnavailable, error_chain, retry_call, sigint_deferred
 
 T = TypeVar("T")
 SERVICE = "MLflow tracking server"
@@ -112,7 +112,8 @@ class Tracker:
         next ones try once without waiting (until one succeeds), so a failing trial is wound up quickly."""
         if self._down is not None:
             try:
-                result = fn(*args, **kwargs)
+                with sigint_deferred():
+                    result = fn(*args, **kwargs)
             except Exception as error:
                 if is_transient_mlflow_error(error):
                     raise ServiceUnavailable(SERVICE, self.uri, self._down.waited_s, error) from error

@@ -3,6 +3,10 @@ needed (unreachable ones are ports nobody listens on)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sqlite3
+import threading
 import time
 
 import pytest
@@ -51,6 +55,79 @@ def test_retry_call_raises_other_errors_at_once():
     with pytest.raises(ValueError):
         retry_call(fn, 1, service="S", target="t", is_transient=lambda e: isinstance(e, ConnectionError))
     assert len(calls) == 1
+
+
+def _ctrl_c_inside(times: int = 1, then: Exception | None = None):
+    """A call that receives `times` Ctrl-Cs midway, then finishes (or raises `then`); `done` says it finished."""
+    done = []
+
+    def fn():
+        for _ in range(times):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)  # Python runs the signal handler here at the latest
+        if then is not None:
+            raise then
+        done.append(True)
+        return "stored"
+
+    return fn, done
+
+
+def test_ctrl_c_inside_a_call_is_raised_when_the_call_has_finished():
+    fn, done = _ctrl_c_inside()
+    with pytest.raises(KeyboardInterrupt):
+        retry_call(fn, service="S", target="t", is_transient=lambda e: False)
+    assert done == [True]   # not cut in half
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_second_ctrl_c_inside_a_call_is_raised_at_once():
+    fn, done = _ctrl_c_inside(times=2)
+    with pytest.raises(KeyboardInterrupt):
+        retry_call(fn, service="S", target="t", is_transient=lambda e: False)
+    assert done == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_held_during_a_failing_call_is_not_lost():
+    fn, _ = _ctrl_c_inside(then=ValueError("bad request"))
+    with pytest.raises(KeyboardInterrupt):
+        retry_call(fn, service="S", target="t", is_transient=lambda e: False)
+
+
+def test_calls_from_other_threads_leave_signal_handling_alone():
+    results = []
+    thread = threading.Thread(target=lambda: results.append(
+        retry_call(lambda: "ok", service="S", target="t", is_transient=lambda e: False)))
+    thread.start()
+    thread.join()
+    assert results == ["ok"] and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_ctrl_c_during_an_mlflow_write_leaves_the_sqlite_store_complete_and_unlocked(tmp_path, monkeypatch):
+    from pitsearch.tracking import Tracker
+
+    db = tmp_path / "mlflow.db"
+    tracker = Tracker(f"sqlite:///{db}", "interrupts")
+    run_id = tracker.start_run(run_name="r")
+    real_log_batch = tracker.client.log_batch
+
+    def log_batch_hit_by_ctrl_c(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        return real_log_batch(*args, **kwargs)
+
+    monkeypatch.setattr(tracker.client, "log_batch", log_batch_hit_by_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        tracker.log_metrics(run_id, {"val/acc": 0.5}, step=0)
+    monkeypatch.undo()
+    assert tracker.metric_history(run_id, "val/acc") == [(0, 0.5)]
+    other = sqlite3.connect(db, timeout=0.5)   # another writer gets the file at once
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("ROLLBACK")
+    other.close()
+    tracker.end_run(run_id, status="KILLED")
+    assert tracker.run_status(run_id) == "KILLED"
 
 
 def test_database_errors_lost_connection_is_transient_bad_password_is_not():
