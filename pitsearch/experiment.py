@@ -132,14 +132,6 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
     cfg = prepared.cfg
     result = ExperimentResult(state="RUNNING", stats=prepared.stats, cfg=cfg)
     run_id = None
-    if tracker is not None:
-        all_tags = {**run_tags(cfg, prepared.dataset), **(tags or {})}
-        run_id = tracker.start_run(run_name=run_name or cfg.get("tracking", {}).get("run_name"), tags=all_tags,
-                                   parent_run_id=parent_run_id)
-        result.run_id = run_id
-        if on_run_started is not None:
-            on_run_started(run_id)
-        _log_start(tracker, run_id, cfg, prepared.stats)
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if tracker is not None:
@@ -147,6 +139,15 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
 
     train = TrainResult()
     try:
+        # The run is opened inside the guarded block: a Ctrl-C while its config is being logged still ends it.
+        if tracker is not None:
+            all_tags = {**run_tags(cfg, prepared.dataset), **(tags or {})}
+            run_id = tracker.start_run(run_name=run_name or cfg.get("tracking", {}).get("run_name"),
+                                       tags=all_tags, parent_run_id=parent_run_id)
+            result.run_id = run_id
+            if on_run_started is not None:
+                on_run_started(run_id)
+            _log_start(tracker, run_id, cfg, prepared.stats)
         train_model(prepared.model, prepared.dataset, cfg["train"], cfg["data"].get("aug"),
                     callbacks=[log_epoch, *callbacks], console=console, result=train)
         result.state = "COMPLETE"

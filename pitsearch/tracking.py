@@ -184,6 +184,13 @@ class Tracker:
         except MlflowException:
             return False
 
+    def running_children(self, parent_run_id: str) -> list[tuple[str, dict[str, str]]]:
+        """(run id, tags) of the parent's child runs still marked RUNNING."""
+        runs = self._call(self.client.search_runs, [self.experiment_id],
+                          f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'",
+                          max_results=1000)
+        return [(run.info.run_id, dict(run.data.tags)) for run in runs]
+
     def run_url(self, run_id: str) -> str:
         """What to open in `mlflow ui`: the run page, with the classic (non-GenAI) view selected."""
         return f"#/experiments/{self.experiment_id}/runs/{run_id}"

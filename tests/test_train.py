@@ -101,6 +101,21 @@ def test_bad_train_values_name_their_field(compose, override, field):
     assert "\n" not in str(error.value)
 
 
+def test_ctrl_c_while_a_run_logs_its_config_still_ends_the_run(compose, tmp_path, monkeypatch):
+    import pitsearch.experiment as experiment
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    cfg = compose(TINY + ["train.epochs=1"])
+    tracker = Tracker.from_config(cfg["tracking"], tmp_path)
+    started = []
+    monkeypatch.setattr(experiment, "_log_start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tracker=tracker, on_run_started=started.append)
+    assert tracker.run_status(started[0]) == "FAILED"   # not left RUNNING for ever
+
+
 def test_relative_sqlite_uri_is_made_absolute(tmp_path):
     assert resolve_tracking_uri("sqlite:///runs.db", tmp_path) == f"sqlite:///{tmp_path / 'runs.db'}"
     with pytest.raises(ConfigError, match="tracking.uri"):

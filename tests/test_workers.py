@@ -149,3 +149,47 @@ def test_bf16_and_fp32_both_converge_on_mnist5k(compose, precision):
                                      "train.progress=false"]))
     assert result.state == "COMPLETE"
     assert result.final["val/acc_best"] > 0.9
+
+
+def test_resume_closes_child_runs_whose_trial_is_not_running_and_leaves_live_ones(tmp_path):
+    """Runs a worker opened but could not close (Ctrl-C or SIGKILL before it recorded the run, a lost MLflow
+    server) are closed when the sweep starts again; the run of a trial that is still running is not touched."""
+    import io
+
+    import optuna
+    from optuna.trial import TrialState
+    from rich.console import Console
+
+    from pitsearch.search.runner import _requeue_lost_trials
+    from pitsearch.search.storage import make_storage
+    from pitsearch.search.trials import mark_worker, tell
+    from pitsearch.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "orphans")
+    parent = tracker.start_run(run_name="sweep")
+    study = optuna.create_study(study_name="orphans", storage=make_storage(None, tmp_path), direction="maximize")
+
+    def trial_with_open_run():
+        trial = study.ask()
+        mark_worker(trial)   # this process: alive, so never reaped as dead
+        return trial, tracker.start_run(run_name=f"t{trial.number}", tags={"trial_number": trial.number},
+                                        parent_run_id=parent)
+
+    interrupted, interrupted_run = trial_with_open_run()
+    interrupted.set_user_attr("fail_reason", "interrupted")
+    tell(study, interrupted, state=TrialState.FAIL)
+    completed, completed_run = trial_with_open_run()
+    tell(study, completed, values=0.5)
+    closed, closed_run = trial_with_open_run()
+    tracker.end_run(closed_run, status="FINISHED")
+    tell(study, closed, values=0.6)
+    _, live_run = trial_with_open_run()
+
+    output = io.StringIO()
+    _requeue_lost_trials(study, tracker, parent, Console(file=output, width=200))
+    assert tracker.run_status(interrupted_run) == "FAILED"
+    assert tracker.client.get_run(interrupted_run).data.tags["reason"] == "interrupted"
+    assert tracker.run_status(completed_run) == "FINISHED"
+    assert tracker.run_status(closed_run) == "FINISHED"
+    assert tracker.run_status(live_run) == "RUNNING"
+    assert output.getvalue().count("was left RUNNING") == 2

@@ -70,7 +70,7 @@ def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, A
                if tracking_cfg.get("enabled", True) else None)
     study, created = _create_or_join_study(spec)
     parent_run_id = _ensure_parent_run(study, spec, tracker, cfg, created) if tracker else None
-    _requeue_lost_trials(study, tracker, console)
+    _requeue_lost_trials(study, tracker, parent_run_id, console)
 
     if budget_reached(study, spec) and not _running(study):
         console.print(f"study {spec.study_name!r} is complete: {_finished(study)}/{spec.n_trials} trials finished; "
@@ -142,22 +142,31 @@ def _create_or_join_study(spec: SweepSpec):
                                 make_pruner(spec.pruner, len(spec.objectives)), spec.directions), created
 
 
-def _requeue_lost_trials(study, tracker, console) -> None:
+def _requeue_lost_trials(study, tracker, parent_run_id: str | None, console) -> None:
     """Trials whose worker died (killed, power loss, silent heartbeat) are failed, their MLflow runs closed as
     FAILED, and their cells queued to run again. (A Ctrl-C'd trial was already failed and queued by its
-    worker.) Runs left RUNNING by a worker that lost the MLflow server are closed too."""
+    worker.) Then every child run still RUNNING whose trial is not running is closed (FAILED, unless its trial
+    finished): runs of workers that lost the MLflow server, and runs whose worker was stopped (Ctrl-C, SIGKILL)
+    between opening the run and recording it on the trial."""
     from optuna.trial import TrialState
 
     reap_dead_workers(study, tracker, lambda line: console.print(line, markup=False, highlight=False))
-    if tracker is None:
+    if tracker is None or parent_run_id is None:
         return
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-        run_id = trial.user_attrs.get("mlflow_run_id")
-        if run_id and "unreachable" in str(trial.user_attrs.get("fail_reason", "")) and _run_exists(tracker, run_id) \
-                and tracker.run_status(run_id) == "RUNNING":
-            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL",
-                                      "reason": trial.user_attrs["fail_reason"][:5000]})
-            tracker.end_run(run_id, status="FAILED")
+    trials = {trial.number: trial for trial in study.get_trials(deepcopy=False)}
+    for run_id, tags in tracker.running_children(parent_run_id):
+        number = tags.get("trial_number", "")
+        trial = trials.get(int(number)) if number.isdigit() else None
+        if trial is not None and trial.state == TrialState.RUNNING:
+            continue  # a live worker, here or on another machine
+        trial_state = trial.state.name if trial is not None else "FAIL"
+        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(trial_state, "FAILED")
+        reason = (trial.user_attrs.get("fail_reason") if trial is not None else None) or "its trial is not running"
+        tracker.set_tags(run_id, {"trial_state": trial_state, **({"state": "FAILED", "reason": str(reason)[:5000]}
+                                                                 if status == "FAILED" else {})})
+        tracker.end_run(run_id, status=status)
+        console.print(f"MLflow run {run_id} (trial {number or '?'}) was left RUNNING: closed as {status}"
+                      + (f" ({reason})" if status == "FAILED" else ""), markup=False, highlight=False)
 
 
 def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any], created: bool = True) -> str:
