@@ -166,6 +166,11 @@ class Tracker:
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
         self._call(self.client.set_terminated, run_id, status=status)
 
+    def fail_run(self, run_id: str, reason: str) -> None:
+        """Close a trial's run as FAILED, with the tags the UI groups and filters by."""
+        self.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": str(reason)[:5000]})
+        self.end_run(run_id, status="FAILED")
+
     def set_run_status(self, run_id: str, status: str) -> None:
         self._call(self.client.update_run, run_id, status=status)
 

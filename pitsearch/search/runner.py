@@ -159,14 +159,16 @@ def _requeue_lost_trials(study, tracker, parent_run_id: str | None, console) -> 
         trial = trials.get(int(number)) if number.isdigit() else None
         if trial is not None and trial.state == TrialState.RUNNING:
             continue  # a live worker, here or on another machine
-        trial_state = trial.state.name if trial is not None else "FAIL"
-        status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(trial_state, "FAILED")
-        reason = (trial.user_attrs.get("fail_reason") if trial is not None else None) or "its trial is not running"
-        tracker.set_tags(run_id, {"trial_state": trial_state, **({"state": "FAILED", "reason": str(reason)[:5000]}
-                                                                 if status == "FAILED" else {})})
-        tracker.end_run(run_id, status=status)
-        console.print(f"MLflow run {run_id} (trial {number or '?'}) was left RUNNING: closed as {status}"
-                      + (f" ({reason})" if status == "FAILED" else ""), markup=False, highlight=False)
+        if trial is not None and trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+            closed = "FINISHED" if trial.state == TrialState.COMPLETE else "KILLED"
+            tracker.set_tags(run_id, {"trial_state": trial.state.name})
+            tracker.end_run(run_id, status=closed)
+        else:
+            reason = (trial.user_attrs.get("fail_reason") if trial is not None else None) or "its trial is not running"
+            tracker.fail_run(run_id, reason)
+            closed = f"FAILED ({reason})"
+        console.print(f"MLflow run {run_id} (trial {number or '?'}) was left RUNNING: closed as {closed}",
+                      markup=False, highlight=False)
 
 
 def _ensure_parent_run(study, spec: SweepSpec, tracker, cfg: dict[str, Any], created: bool = True) -> str:

@@ -142,8 +142,7 @@ def reap_dead_workers(study, tracker, emit: Callable[[str], None] = print) -> li
              "marked FAIL, queued again")
         run_id = trial.user_attrs.get("mlflow_run_id")
         if tracker is not None and run_id and tracker.run_exists(run_id):
-            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": "worker died"})
-            tracker.end_run(run_id, status="FAILED")
+            tracker.fail_run(run_id, "worker died")
     return failed
 
 
@@ -173,8 +172,7 @@ def _abandon(trial, run_id: str | None, study, tracker, ctx: WorkerContext, erro
             pass
     if tracker is not None and run_id and error.service != "MLflow tracking server":
         try:
-            tracker.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": str(error)[:5000]})
-            tracker.end_run(run_id, status="FAILED")
+            tracker.fail_run(run_id, str(error))
         except Exception:  # noqa: BLE001
             pass
     if lost_storage:
