@@ -2,8 +2,9 @@
 
 With 2-5 seeds per variant the t interval is the honest choice (a bootstrap of three values cannot be
 wider than their range). A comparison of two variants pairs runs with the same seed, so the noise shared
-by the seed (init, data order) cancels; it reports the mean paired delta with its t interval and an exact
-two-sided sign-flip p-value. Nothing here ever picks the best of n seeds.
+by the seed (init, data order) cancels; it reports the mean paired delta with its t interval, an exact
+two-sided sign-flip p-value and the paired t-test's p-value. Nothing here ever picks the best of n seeds.
+The sequential "seeds until decided" rule (valid under repeated looks) is in pitsearch.sequential.
 """
 
 from __future__ import annotations
@@ -95,14 +96,32 @@ def sign_flip_p_value(deltas: Iterable[float], seed: int = 0) -> float:
     return float(np.mean(np.abs(signs @ data / n) >= observed))
 
 
+def paired_t_p_value(deltas: Iterable[float]) -> float:
+    """Two-sided p-value of the paired t-test (one-sample t on the deltas, mean 0); NaN below two deltas.
+
+    Reported beside the sign-flip p because it has no 2 / 2**n floor (three seeds can reach p < 0.05), at the
+    price of assuming roughly normal deltas. Identical deltas (sd 0) give 0 for a non-zero mean, 1 for zero."""
+    from scipy import stats
+
+    data = finite_values(deltas)
+    n = len(data)
+    if n < 2:
+        return float("nan")
+    mean, sd = float(data.mean()), float(data.std(ddof=1))
+    if sd == 0:
+        return 1.0 if mean == 0 else 0.0
+    return float(2 * stats.t.sf(abs(mean) / (sd / math.sqrt(n)), n - 1))
+
+
 @dataclass(frozen=True)
 class PairedDelta:
     """variant - baseline over the keys (seeds) both have."""
 
     pairs: list[tuple[Hashable, float, float, float]] = field(default_factory=list)  # (key, baseline, variant, delta)
     interval: Interval = Interval(float("nan"), float("nan"), 0)
-    p_value: float = float("nan")
+    p_value: float = float("nan")                            # exact sign-flip test
     unpaired: list[Hashable] = field(default_factory=list)   # keys only one side has (not used)
+    t_p_value: float = float("nan")                          # paired t-test; last, so positional use still fits
 
     @property
     def deltas(self) -> list[float]:
@@ -121,7 +140,7 @@ def paired_delta(baseline: Mapping[Hashable, Any], variant: Mapping[Hashable, An
             unpaired.append(key)
     deltas = [d for *_, d in pairs]
     return PairedDelta(pairs=pairs, interval=mean_ci(deltas, confidence), p_value=sign_flip_p_value(deltas),
-                       unpaired=unpaired)
+                       unpaired=unpaired, t_p_value=paired_t_p_value(deltas))
 
 
 def pareto_indices(costs: Iterable[float], scores: Iterable[float]) -> list[int]:
@@ -139,4 +158,4 @@ def _sort_key(key: Any) -> tuple:
 
 
 __all__ = ["CONFIDENCE", "Interval", "PairedDelta", "finite_values", "mean_ci", "mean_ci_curves", "paired_delta",
-           "pareto_indices", "sign_flip_p_value", "t_quantile"]
+           "paired_t_p_value", "pareto_indices", "sign_flip_p_value", "t_quantile"]

@@ -13,6 +13,7 @@ from pitsearch.stats import (
     mean_ci,
     mean_ci_curves,
     paired_delta,
+    paired_t_p_value,
     pareto_indices,
     sign_flip_p_value,
 )
@@ -87,6 +88,20 @@ def test_paired_delta_pairs_by_key_only():
     assert result.interval.half_width == pytest.approx(scipy_half_width(expected))
     assert sorted(result.unpaired) == [3, 4]
     assert result.p_value == pytest.approx(brute_force_sign_flip(expected))
+    assert result.t_p_value == pytest.approx(sps.ttest_1samp(expected, 0.0).pvalue)
+
+
+@pytest.mark.parametrize("deltas", [[0.02, 0.03], [0.01, 0.02, 0.03], [0.05, -0.01, 0.02, 0.04, 0.03],
+                                    [0.3, -0.2, 0.1, -0.4, 0.25, 0.05]])
+def test_paired_t_p_value_matches_scipy(deltas):
+    assert paired_t_p_value(deltas) == pytest.approx(sps.ttest_1samp(deltas, 0.0).pvalue, rel=1e-10)
+
+
+def test_paired_t_p_value_edges_and_no_sign_flip_floor():
+    assert math.isnan(paired_t_p_value([])) and math.isnan(paired_t_p_value([0.1, None]))
+    assert paired_t_p_value([0.1, 0.1, 0.1]) < 1e-12             # identical deltas: sd 0 (up to rounding)
+    assert paired_t_p_value([0.0, 0.0]) == 1.0
+    assert paired_t_p_value([0.02, 0.025, 0.03]) < 0.05 < sign_flip_p_value([0.02, 0.025, 0.03])
 
 
 def test_pareto_indices_lower_cost_higher_score():
