@@ -10,17 +10,30 @@ Command line (Hydra-style overrides, no Hydra needed):
 
     python -m pitsearch.profile model=pit_s [model.img_size=32 model.patch_size=4 ...] [--json]
 
-Null img_size / in_chans / num_classes (no data config here) mean 224 / 3 / 1000.
+Null img_size / in_chans / num_classes (no data config here) mean 224 / 3 / 1000; the nano presets leave them
+null, so give `model.img_size=28 model.in_chans=1 model.num_classes=10` for their MNIST shape.
+
+`--match-to model.KEY=VALUE` (repeatable; `model=NAME` starts from another preset on the same data) prints the
+variant re-sized to that reference's cost instead (pitsearch.matching), e.g. `none` pooling at conv's MACs:
+
+    python -m pitsearch.profile model=pit_nano model.img_size=28 model.in_chans=1 model.num_classes=10 \
+        model.stride=3 model.pool=none --match-to model.pool=conv [--match-on macs|params] \
+        [--adjust model.head_dims,model.depths] [--tolerance 0.03] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 from typing import Any
 
-USAGE = "python -m pitsearch.profile model=NAME [model.KEY=VALUE ...] [--json]"
+USAGE = ("python -m pitsearch.profile model=NAME [model.KEY=VALUE ...] [--match-to model.KEY=VALUE ...] "
+         "[--match-on macs|params] [--adjust KNOB[,KNOB...]] [--tolerance 0.03] [--json]")
+# The matcher names its arguments as a sweep's `match:` block does; the command line names its flags.
+_MATCH_FLAGS = {"match.on": "--match-on", "match.adjust": "--adjust", "match.tolerance": "--tolerance",
+                "match.reference": "--match-to"}
 
 
 def count_macs(model: Any, img_size: int, in_chans: int) -> int:
@@ -75,17 +88,50 @@ def model_stats(model: Any, img_size: int | None = None) -> dict[str, Any]:
     }
 
 
+COSTS = ("macs", "params")
+
+
 def closed_form_macs(cfg: Any) -> int:
     """MACs from the config alone (preset name, dict or DictConfig), summed like FlopCounterMode / 2.
 
     stem H0*W0*C0*in_chans*p^2 + per block (4*N*C^2 + 2*N*C*hidden + 2*N^2*C) with N = H*W + 1 tokens and
     hidden = int(C * mlp_ratio) + each pooling step's own formula (pooling.py) + head C_last * classes.
     """
+    return closed_form_cost(cfg, "macs")
+
+
+def closed_form_params(cfg: Any) -> int:
+    """Parameters from the config alone, equal to the built model's count (tests check every preset).
+
+    stem (in_chans*p^2 + 1)*C0 + pos C0*H0*W0 + class token (and its position when cls_pos_embed) C0 each
+    + per block 4*C^2 + 2*C*hidden + 9*C + hidden (qkv, proj, fc1, fc2 with biases, two LayerNorms)
+    + each pooling step (counted on a meta-built module, see _pool_params) + norm 2*C_last + head (C_last+1)*K.
+    """
+    return closed_form_cost(cfg, "params")
+
+
+def closed_form_cost(cfg: Any, on: str = "macs", validate: bool = True) -> int:
+    """`closed_form_macs` or `closed_form_params` by name (`on` in COSTS).
+
+    validate=False takes `cfg` as a full dict from resolve_model_config (or a copy with some values changed) and
+    skips resolution: that costs ~80 us of the ~100 us a call takes (2-core CPU), and the matcher
+    (pitsearch.matching) scores hundreds of candidates, validating only those it ranks first. The caller then
+    vouches for the channels: params of a pooling step its type cannot build (conv: C_out not a multiple of
+    C_in) raise ValueError; any other invalid value gives a meaningless number.
+    """
     from pitsearch.models import resolve_model_config
+
+    if on not in COSTS:
+        raise ValueError(f"unknown cost {on!r}; expected one of {COSTS}")
+    if validate:
+        cfg = resolve_model_config(cfg)
+    return _macs(cfg) if on == "macs" else _params(cfg)
+
+
+def _macs(cfg: dict[str, Any]) -> int:
     from pitsearch.models.pit import NUM_CLS_TOKENS, stage_layout
     from pitsearch.models.pooling import get_pool_class
 
-    cfg = resolve_model_config(cfg)
     channels = [h * d for h, d in zip(cfg["heads"], cfg["head_dims"])]
     layout = stage_layout(cfg["img_size"], cfg["patch_size"], cfg["stride"], cfg["pool"], len(channels))
     height0, width0 = layout[0]["grid"]
@@ -101,6 +147,36 @@ def closed_form_macs(cfg: Any) -> int:
     return macs + channels[-1] * cfg["num_classes"]
 
 
+def _params(cfg: dict[str, Any]) -> int:
+    from pitsearch.models.pit import NUM_CLS_TOKENS, stem_grid
+    from pitsearch.models.pooling import get_pool_class
+
+    channels = [h * d for h, d in zip(cfg["heads"], cfg["head_dims"])]
+    side = stem_grid(cfg["img_size"], cfg["patch_size"], cfg["stride"])
+    width0 = channels[0]
+    params = (cfg["in_chans"] * cfg["patch_size"] ** 2 + 1) * width0 + width0 * side * side
+    params += NUM_CLS_TOKENS * width0 * (2 if cfg["cls_pos_embed"] else 1)
+    for s, (depth, width) in enumerate(zip(cfg["depths"], channels)):
+        hidden = int(width * cfg["mlp_ratio"])
+        params += depth * (4 * width**2 + 2 * width * hidden + 9 * width + hidden)
+        if s > 0:
+            params += _pool_params(get_pool_class(cfg["pool"]), channels[s - 1], width)
+    return params + 2 * channels[-1] + (channels[-1] + 1) * cfg["num_classes"]
+
+
+@functools.lru_cache(maxsize=4096)
+def _pool_params(pool_class: type, in_channels: int, out_channels: int) -> int:
+    """Parameters of one pooling step, counted on a module built on the meta device: exact for every registered
+    type, new ones included, with no per-type formula here to drift from pooling.py. A build costs ~3 ms
+    (2-core CPU), hence the cache (keyed by class, not name, so a type registered again is counted again); a
+    matching run needs a few dozen distinct channel pairs."""
+    import torch
+
+    with torch.device("meta"):
+        module = pool_class(in_channels, out_channels)
+    return sum(param.numel() for param in module.parameters())
+
+
 class _UsageError(Exception):
     pass
 
@@ -110,8 +186,9 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(message)
 
 
-def _parse_overrides(tokens: list[str]) -> tuple[str, dict[str, Any]]:
-    """`model=NAME` and `model.KEY=VALUE` (OmegaConf dotlist syntax, so lists read as `[1,2,3]`)."""
+def _parse_overrides(tokens: list[str], what: str = "") -> tuple[str | None, dict[str, Any]]:
+    """`model=NAME` and `model.KEY=VALUE` (OmegaConf dotlist syntax, so lists read as `[1,2,3]`). model=NAME is
+    required unless `what` names an option (`--match-to`), whose errors it prefixes."""
     from omegaconf import OmegaConf
 
     preset, dotlist = None, []
@@ -122,15 +199,15 @@ def _parse_overrides(tokens: list[str]) -> tuple[str, dict[str, Any]]:
         elif "=" in token and key.startswith("model.") and len(key) > len("model."):
             dotlist.append(token)
         else:
-            raise _UsageError(f"unknown argument {token!r}; expected model=NAME or model.KEY=VALUE")
-    if not preset:
+            raise _UsageError(f"{what}unknown argument {token!r}; expected model=NAME or model.KEY=VALUE")
+    if not preset and not what:
         from pitsearch.models import list_presets
 
         raise _UsageError(f"model=NAME is required; presets: {', '.join(list_presets())}")
     try:
         overrides = OmegaConf.to_container(OmegaConf.from_dotlist(dotlist), resolve=True).get("model", {})
     except Exception as exc:  # OmegaConf grammar errors span several lines; keep the first
-        raise _UsageError(f"cannot parse overrides: {str(exc).splitlines()[0]}") from None
+        raise _UsageError(f"{what}cannot parse overrides: {str(exc).splitlines()[0]}") from None
     return preset, overrides
 
 
@@ -167,21 +244,106 @@ def _print_table(cfg: dict[str, Any], stats: dict[str, Any]) -> None:
     console.print(table)
 
 
+def match_config(preset: str, overrides: dict[str, Any], match_to: list[str], on: str, adjust: str,
+                 tolerance: float) -> dict[str, Any]:
+    """What `--match-to` prints: the matched config, its change, MACs and params beside the reference's and the
+    unmatched variant's. The matched model is built on the meta device and counted, and must equal the closed
+    form the matcher solved with."""
+    from pitsearch.matching import check_match_args
+
+    # Flag typos first: importing torch takes most of a profile command (17 s on a loaded 2-core CPU).
+    check_match_args(on, adjust, tolerance)
+    reference_preset, reference_overrides = _parse_overrides(match_to, "--match-to: ")
+    import torch
+
+    from pitsearch.matching import match_model_config, reference_config
+    from pitsearch.models import build_model, resolve_model_config
+
+    variant = resolve_model_config(preset, **{**overrides, "pretrained": False})
+    reference_keys = {f"model.{key}": value for key, value in reference_overrides.items()}
+    if reference_preset:
+        reference_keys["model"] = reference_preset
+    reference = {**reference_config(variant, reference_keys), "pretrained": False}
+    result = match_model_config(variant, reference, on=on, adjust=adjust, tolerance=tolerance)
+    with torch.device("meta"):
+        stats = model_stats(build_model(result.cfg), result.cfg["img_size"])
+    closed = {"macs": closed_form_macs(result.cfg), "params": closed_form_params(result.cfg)}
+    if closed != {"macs": stats["macs"], "params": stats["params"]}:
+        raise RuntimeError(f"closed form {closed} differs from the counted model {stats}: a bug in profile.py")
+    costs = {"macs": stats["macs"], "params": stats["params"], "reference_macs": closed_form_macs(reference),
+             "reference_params": closed_form_params(reference), "original_macs": closed_form_macs(variant),
+             "original_params": closed_form_params(variant)}
+    return {"knob": result.knob, "on": result.on, "tolerance": result.tolerance, "ratio": result.ratio,
+            "changes": result.changes, "original": result.original, **costs, "model": result.cfg,
+            "reference": reference, "stages": stats["stages"]}
+
+
+def _print_match(report: dict[str, Any]) -> None:
+    from rich import box
+    from rich.table import Table
+
+    from pitsearch.console import make_console
+
+    console = make_console(stderr=False)
+    cfg = report["model"]
+    console.print(f"model {cfg['name'] or 'custom'}: {cfg['img_size']} px, {cfg['in_chans']} channels, "
+                  f"{cfg['num_classes']} classes, pool {cfg['pool']}", highlight=False)
+    unit = "MACs" if report["on"] == "macs" else "params"
+    how = ", ".join(f"{key} {report['original'][key]} -> {value}" for key, value in report["changes"].items())
+    console.print(f"matched on {unit} within {report['tolerance'] * 100:g}%: {how or 'unchanged (already within)'}",
+                  highlight=False)
+    if report["changes"]:
+        overrides = " ".join(f"{key}={json.dumps(value, separators=(',', ':'))}"
+                             for key, value in report["changes"].items())
+        console.print(f"overrides: {overrides}", highlight=False, markup=False)
+    table = Table("", "matched", "reference", "ratio", "unmatched", box=box.SIMPLE_HEAD, pad_edge=False)
+    for key, label in (("macs", "MACs"), ("params", "params")):
+        value, reference_value = report[key], report[f"reference_{key}"]
+        table.add_row(label, f"{value:,}", f"{reference_value:,}", f"{value / reference_value:.3f}",
+                      f"{report[f'original_{key}']:,}")
+    console.print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(prog="python -m pitsearch.profile", usage=USAGE,
-                     description="Print a model's parameters, MACs (attention counted) and per-stage shapes.")
+                     description="Print a model's parameters, MACs (attention counted) and per-stage shapes; with "
+                                 "--match-to, the model re-sized to the cost of a reference variant.")
     parser.add_argument("overrides", nargs="*", help="model=NAME (a conf/model preset) and model.KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    parser.add_argument("--match-to", action="append", metavar="model.KEY=VALUE",
+                        help="the reference: this model with these overrides (repeat for several keys), or "
+                             "model=NAME, another preset on the same data")
+    parser.add_argument("--match-on", choices=("macs", "params"), help="the cost to match (default macs)")
+    parser.add_argument("--adjust", metavar="KNOB[,KNOB...]",
+                        help="knobs tried in order (default model.head_dims; also model.depths, model.stem, "
+                             "model.stride, model.patch_size)")
+    parser.add_argument("--tolerance", type=float, help="relative cost difference accepted (default 0.03)")
     from pitsearch.errors import ConfigError
 
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_intermixed_args(argv)
         preset, overrides = _parse_overrides(args.overrides)
-        cfg, stats = profile_config(preset, overrides)
-    except (_UsageError, ConfigError) as exc:
+        if not args.match_to:
+            given = [flag for flag, value in (("--match-on", args.match_on), ("--adjust", args.adjust),
+                                              ("--tolerance", args.tolerance)) if value is not None]
+            if given:
+                raise _UsageError(f"{given[0]}: needs --match-to model.KEY=VALUE (the reference to match)")
+            cfg, stats = profile_config(preset, overrides)
+        else:
+            report = match_config(preset, overrides, args.match_to, args.match_on or "macs",
+                                  args.adjust or "model.head_dims", 0.03 if args.tolerance is None else args.tolerance)
+    except _UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.json:
+    except ConfigError as exc:
+        flag = _MATCH_FLAGS.get(exc.field)
+        print(f"error: {flag}: {str(exc)[len(exc.field) + 2:]}" if flag else f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.match_to and args.json:
+        print(json.dumps(report, indent=2))
+    elif args.match_to:
+        _print_match(report)
+    elif args.json:
         print(json.dumps({"model": cfg, **stats}, indent=2))
     else:
         _print_table(cfg, stats)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pitsearch.models import build_model, list_presets
-from pitsearch.profile import closed_form_macs, main, model_stats
+from pitsearch.profile import closed_form_macs, closed_form_params, main, model_stats
 
 SMALL_CFG = {"depths": [1, 1, 1], "heads": [1, 2, 4], "head_dims": [8, 8, 8], "patch_size": 4, "stride": 2,
              "img_size": 32, "in_chans": 3, "num_classes": 10}
@@ -49,18 +49,22 @@ def test_closed_form_equals_counted_for_presets(name):
     shape = {"img_size": 28, "in_chans": 1, "num_classes": 10} if "nano" in name else {}
     with torch.device("meta"):
         model = build_model(name, **shape)
-    assert model_stats(model)["macs"] == closed_form_macs(model.model_config)
+    stats = model_stats(model)
+    assert stats["macs"] == closed_form_macs(model.model_config)
+    assert stats["params"] == closed_form_params(model.model_config)
 
 
 @pytest.mark.parametrize("pool", ["conv", "max", "avg", "none"])
 def test_closed_form_equals_counted_for_pool_types(pool):
     cfg = {**SMALL_CFG, "pool": pool}
-    assert model_stats(build_model(cfg))["macs"] == closed_form_macs(cfg)
+    stats = model_stats(build_model(cfg))
+    assert (stats["macs"], stats["params"]) == (closed_form_macs(cfg), closed_form_params(cfg))
 
 
 def test_closed_form_for_none_pool_with_equal_channels_and_odd_mlp_ratio():
-    cfg = {**SMALL_CFG, "pool": "none", "heads": [2, 2, 4], "mlp_ratio": 2.5}
-    assert model_stats(build_model(cfg))["macs"] == closed_form_macs(cfg)
+    cfg = {**SMALL_CFG, "pool": "none", "heads": [2, 2, 4], "mlp_ratio": 2.5, "cls_pos_embed": True}
+    stats = model_stats(build_model(cfg))
+    assert (stats["macs"], stats["params"]) == (closed_form_macs(cfg), closed_form_params(cfg))
 
 
 # --- command line -----------------------------------------------------------------------------------------------
