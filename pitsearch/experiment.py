@@ -66,6 +66,11 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     validate_data_config(cfg["data"])
     validate_train_config(cfg["train"])
     validate_eval_config(cfg.get("eval"))
+    tracking = cfg.get("tracking") or {}
+    if tracking.get("enabled", True) and tracking.get("uri"):
+        from pitsearch.tracking import check_tracking_uri
+
+        check_tracking_uri(tracking["uri"])   # MLflow would object only after the data load
 
 
 def fill_model_from_data(model_cfg: Mapping[str, Any], dataset) -> dict[str, Any]:

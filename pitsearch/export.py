@@ -1,4 +1,4 @@
-"""`python -m pitsearch.export STUDY [--storage URL] [--top-k K] [--out DIR]`: the best trials as runnable configs.
+"""`python -m pitsearch.export STUDY [--storage URL] [--top-k K] [--out DIR] [--force]`: best trials as configs.
 
 For each of the best K COMPLETE trials (single objective: by value in the study's direction, ties to the
 earlier trial; multi-objective: the Pareto front, `study.best_trials`, ordered by the first objective) it
@@ -18,7 +18,9 @@ with the default output_dir). A pinned `train.device: cuda:N` is exported as `cu
 
 A trial is one seed: the best trial of a seed-repeated sweep is partly the luckiest seed. Compare variants
 with the report's means and paired deltas; export to re-run or to reuse an architecture.
-An unknown or empty study, or one with no completed trial: one `error:` line, exit 2, nothing written.
+An unknown or empty study, or one with no completed trial: one `error:` line, exit 2, nothing written. So is
+a rankN.yaml in DIR that this tool did not write (its first line is not HEADER): a user's own file is never
+overwritten without --force.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-HEADER = "# pitsearch export"
+from pitsearch.errors import ConfigError
+
+HEADER = "# pitsearch export"   # the first line of every file this tool writes (and the only ones it overwrites)
 DATA_SHAPE_KEYS = ("img_size", "in_chans", "num_classes")   # filled from the data when null
 
 
@@ -102,8 +106,10 @@ def _hydra_settings() -> dict[str, Any]:
     return (yaml.safe_load((CONF_DIR / "config.yaml").read_text()) or {}).get("hydra") or {}
 
 
-def export_study(study, out_dir: Path, top_k: int | None = None, objective_names: list[str] | None = None) -> list[Exported]:
-    """Write the files; raises ExportError (before creating anything) when there is nothing to export."""
+def export_study(study, out_dir: Path, top_k: int | None = None, objective_names: list[str] | None = None,
+                 force: bool = False) -> list[Exported]:
+    """Write the files; raises ExportError (before creating anything) when there is nothing to export, and
+    ConfigError when a rankN.yaml there is not one this tool wrote (a user's own file), unless `force`."""
     import yaml
 
     if not study.get_trials(deepcopy=False):
@@ -115,6 +121,12 @@ def export_study(study, out_dir: Path, top_k: int | None = None, objective_names
     configs = [exported_config(t) for t in ranked]   # every config checked before anything is written
     names = objective_names or [f"objective_{i}" for i in range(len(study.directions))]
     out_dir = out_dir.resolve()
+    if not force:
+        for rank in range(1, len(ranked) + 1):
+            for path in (out_dir / f"rank{rank}.yaml", out_dir / "model" / f"rank{rank}.yaml"):
+                if path.is_file() and not _written_here(path):
+                    raise ConfigError(str(path), "exists and was not written by pitsearch export; move it away "
+                                                 "or pass --force to overwrite it")
     (out_dir / "model").mkdir(parents=True, exist_ok=True)
     _remove_stale(out_dir, len(ranked))
     exported = []
@@ -134,12 +146,18 @@ def export_study(study, out_dir: Path, top_k: int | None = None, objective_names
     return exported
 
 
+def _written_here(path: Path) -> bool:
+    """Whether `path` is an export of this tool: every file it writes starts with HEADER."""
+    with open(path, encoding="utf-8", errors="replace") as file:
+        return file.readline().startswith(HEADER)
+
+
 def _remove_stale(out_dir: Path, count: int) -> None:
     """rankN files of an earlier, longer export (only files this tool wrote)."""
     for folder in (out_dir, out_dir / "model"):
         for path in folder.glob("rank*.yaml"):
             number = path.stem[4:]
-            if number.isdigit() and int(number) > count and path.read_text().startswith(HEADER):
+            if number.isdigit() and int(number) > count and _written_here(path):
                 path.unlink()
 
 
@@ -155,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="how many trials (default 3; multi-objective: at most the Pareto front)")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: <output_dir>/export, e.g. ./pitsearch-sweeps/STUDY/export)")
+    parser.add_argument("--force", action="store_true",
+                        help="overwrite rankN.yaml files in the output folder that this tool did not write")
     return parser.parse_args(argv)
 
 
@@ -165,11 +185,13 @@ def main(argv=None) -> int:
         return 2
     from pitsearch.report.source import ReportSpec, StudyNotFound, open_study
 
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError("--out", f"{args.out.resolve()} is a file, not a folder")
     try:
         study, storage_dir = open_study(args.study, args.storage)
         spec = ReportSpec.from_study(study, storage_dir)
         out_dir = args.out or spec.output_dir / "export"
-        exported = export_study(study, out_dir, args.top_k, [m for m, _ in spec.objectives])
+        exported = export_study(study, out_dir, args.top_k, [m for m, _ in spec.objectives], force=args.force)
     except (StudyNotFound, ExportError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -182,4 +204,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pitsearch.cli import guarded
+
+    sys.exit(guarded(main))

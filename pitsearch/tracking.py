@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, TypeVar
 from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_secrets, mask_url
 from pitsearch.retry import DEFAULT_TIMEOUT_S, ServiceUnavailable, error_chain, retry_call, sigint_deferred
+from pitsearch.tracking_store import open_store
 
 T = TypeVar("T")
 SERVICE = "MLflow tracking server"
@@ -48,10 +49,39 @@ def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) ->
         if path and not path.startswith("/") and path != ":memory:":
             return f"sqlite:///{(base / path).resolve()}"
         return uri
-    if "://" not in uri:
-        raise ConfigError("tracking.uri", f"{uri!r} is not a URI; use sqlite:///<path>, http(s)://host:port or a database URL "
-                          "(MLflow no longer accepts plain folders)")
+    check_tracking_uri(uri)
     return uri
+
+
+# Stores MLflow's tracking client opens (its TrackingStoreRegistry), minus `file:` (MLflow >= 3.13 refuses
+# folder stores); a database URL may name its driver (postgresql+psycopg://). Checked up front, because MLflow
+# itself only objects once the data is loaded and the model built.
+TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+_URI_HELP = ("use sqlite:///<path>, http(s)://host:port, a database URL (postgresql://, mysql://, mssql://) "
+             "or databricks")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise ConfigError (`tracking.uri`, the URI masked) unless MLflow can track to `uri`."""
+    uri = str(uri)
+    if uri == "databricks" or uri.startswith("databricks://"):   # `databricks` alone: the default profile
+        return
+    if "://" not in uri:   # masked as if it had a scheme: `user:password@host` forgot its http://
+        shown = mask_url(f"x://{uri}")[len("x://"):]
+        raise ConfigError("tracking.uri", f"{shown!r} is not a URI; {_URI_HELP} "
+                                          "(MLflow no longer accepts plain folders)")
+    scheme = uri.split("://", 1)[0].lower()
+    if scheme.split("+", 1)[0] in TRACKING_SCHEMES or scheme in _plugin_schemes():
+        return
+    folder = " (MLflow no longer accepts folder stores)" if scheme == "file" else ""
+    raise ConfigError("tracking.uri", f"{mask_url(uri)!r}: unsupported scheme {scheme!r}{folder}; {_URI_HELP}")
+
+
+def _plugin_schemes() -> set[str]:
+    """Schemes of installed MLflow tracking-store plugins (entry points; read only for an unknown scheme)."""
+    from importlib.metadata import entry_points
+
+    return {entry.name.lower() for entry in entry_points(group="mlflow.tracking_store")}
 
 
 def default_artifact_location(tracking_uri: str, configured: str | None) -> str | None:
@@ -97,8 +127,14 @@ class Tracker:
         self.give_ups = 0                       # how often a call gave up; a sweep worker checks it per trial
         self.last_give_up: ServiceUnavailable | None = None
         self._down: ServiceUnavailable | None = None
-        self.client = MlflowClient(tracking_uri=uri)
-        self.experiment_id = self._experiment_id(experiment, artifact_location)
+
+        def first_call() -> str:
+            # The client creates or opens the store as it is made: a local sqlite file is created under a lock,
+            # made again when a killed first run left it half-made, and refused in one line when unusable.
+            self.client = MlflowClient(tracking_uri=uri)
+            return self._experiment_id(experiment, artifact_location)
+
+        self.experiment_id = open_store(uri, first_call)
 
     @classmethod
     def from_config(cls, tracking_cfg: Mapping[str, Any], base_dir: str | Path | None = None,
@@ -244,6 +280,10 @@ class Tracker:
         return [(m.step, m.value) for m in self._call(self.client.get_metric_history, run_id, key)]
 
 
+# A store file that cannot be written or read is no server that might come back.
+_PERMANENT_SQLITE_ERRORS = ("readonly database", "file is not a database", "disk image is malformed")
+
+
 def is_transient_mlflow_error(error: BaseException) -> bool:
     """Connection refused / reset / timed out, a server answering 429 / 502 / 503 / 504, a locked sqlite store."""
     import requests
@@ -255,6 +295,8 @@ def is_transient_mlflow_error(error: BaseException) -> bool:
         if isinstance(cause, requests.HTTPError) and cause.response is not None:
             return cause.response.status_code in _RETRY_STATUSES
         message = str(cause)
+        if any(text in message for text in _PERMANENT_SQLITE_ERRORS):
+            return False   # MLflow calls every sqlite OperationalError "temporarily unavailable" (503)
         if "database is locked" in message:
             return True
         if isinstance(cause, MlflowException):

@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     )
 
     console = make_console()
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError("--out", f"{args.out.resolve()} is a file, not a folder")
     try:
         baseline = parse_baseline(args.baseline)
         study, storage_dir = open_study(args.study, args.storage)
@@ -91,4 +93,6 @@ def _experiment_name(study) -> str | None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from pitsearch.cli import guarded
+
+    sys.exit(guarded(main))   # one line and exit 2 / 3 / 130 for what goes wrong, like `python -m pitsearch`

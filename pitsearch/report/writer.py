@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pitsearch.report.publish import default_report_dir, mark_written, staged, trials_fingerprint
 from pitsearch.report.source import OUTPUT_DIR_ATTR, SWEEP_SPEC_ATTR, ReportSpec
 from pitsearch.report.tables import (
     PRIMARY_METRIC,
@@ -49,25 +50,28 @@ def write_report(study, spec, tracker=None, parent_run_id: str | None = None, co
     rspec = ReportSpec.from_sweep(spec)
     if baseline:
         rspec.baseline = dict(baseline)
-    out_dir = Path(out_dir or rspec.output_dir / "report")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(out_dir or default_report_dir(rspec))
     _remember_spec(study, rspec)
 
+    fingerprint = trials_fingerprint(study)   # before reading the trials: a trial told meanwhile is not in it
     records = trial_records(study)
     metrics = table_metrics(records, rspec.objectives)
     variants = build_variants(records, rspec, metrics)
     comparisons, notes = build_comparisons(variants, rspec.baseline, metrics)
-
-    write_variants_csv(out_dir / "variants.csv", variants, metrics)
-    write_deltas_csv(out_dir / "deltas.csv", comparisons)
-    write_trials_csv(out_dir / "trials.csv", records, rspec, metrics)
     from pitsearch.report.figures import write_figures
 
-    figures, figure_notes = write_figures(out_dir, study, rspec, variants)
-    notes += figure_notes
-    report = Report(out_dir=out_dir, files=[], metrics=metrics, variants=variants, comparisons=comparisons,
-                    notes=notes)
-    (out_dir / "report.md").write_text(_markdown(study, rspec, records, report, figures))
+    # Written whole into a staging folder that then replaces the report folder (pitsearch.report.publish): a
+    # kill midway leaves the previous report, never a mix of two or a report without its figures.
+    with staged(out_dir) as staging:
+        write_variants_csv(staging / "variants.csv", variants, metrics)
+        write_deltas_csv(staging / "deltas.csv", comparisons)
+        write_trials_csv(staging / "trials.csv", records, rspec, metrics)
+        figures, figure_notes = write_figures(staging, study, rspec, variants)
+        notes += figure_notes
+        report = Report(out_dir=out_dir, files=[], metrics=metrics, variants=variants, comparisons=comparisons,
+                        notes=notes)
+        (staging / "report.md").write_text(_markdown(study, rspec, records, report, figures))
+    figures = [out_dir / path.name for path in figures]
     report.files = [out_dir / n for n in ("report.md", "variants.csv", "deltas.csv", "trials.csv")] + figures
 
     if tracker is not None and parent_run_id:
@@ -75,6 +79,8 @@ def write_report(study, spec, tracker=None, parent_run_id: str | None = None, co
             tracker.log_artifact(parent_run_id, path, ARTIFACT_DIR)
         tracker.log_metrics(parent_run_id, parent_metrics(variants, comparisons), step=0)
         report.logged_to = parent_run_id
+    # Last: a rerun of the complete sweep writes the report again unless this record matches the study.
+    mark_written(study, rspec, out_dir, report.logged_to, fingerprint)
     if console is not None:
         print_report(report, rspec, console, seconds=time.perf_counter() - started)
     return report

@@ -13,7 +13,6 @@ from urllib.parse import urlsplit
 
 import optuna
 from optuna.storages import BaseStorage, JournalStorage, RDBStorage
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import TrialState
 
 from pitsearch.errors import ConfigError
@@ -65,10 +64,13 @@ def journal_path(storage: BaseStorage) -> Path | None:
 
 
 def _journal(path: Path) -> JournalStorage:
+    from pitsearch.search.journal import SafeJournalFileBackend
+
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The open(O_EXCL) lock works on local disks, NFSv3+ and Windows (symlinks need privileges there).
-    return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    # A torn last record (disk full, power loss) is cut off before anything is appended; damage in the middle
+    # is one ConfigError naming the file (pitsearch.search.journal).
+    return JournalStorage(SafeJournalFileBackend(path))
 
 
 def _rdb(url: str, heartbeat_interval: int | None, grace_period: int | None, max_retry: int | None,
