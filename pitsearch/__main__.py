@@ -71,8 +71,29 @@ def _mask_hydra_record() -> None:
                 path.write_text(mask_url(text))
 
 
+def _mask_log_records() -> None:
+    """Hydra's launcher logs every job's overrides (`#0 : tracking.uri=http://user:password@...`) before any job
+    starts, and libraries log URLs: each log record is masked as it is made, whatever handler prints it."""
+    import logging
+
+    from pitsearch.masking import mask_url
+
+    make_record = logging.getLogRecordFactory()
+
+    def masked_record(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        message = record.getMessage()
+        if mask_url(message) != message:
+            record.msg, record.args = mask_url(message), ()
+        return record
+
+    logging.setLogRecordFactory(masked_record)
+
+
 def _hydra_main() -> None:
     import hydra
+
+    _mask_log_records()
 
     # Hydra reports its own errors (an unknown option, a typo'd key, a sweep file that does not parse, a run
     # folder it cannot make) as several lines and exit 1, inside hydra.main. HYDRA_FULL_ERROR (Hydra's own,

@@ -8,7 +8,9 @@ import re
 from typing import Any
 
 # scheme://user:password@host -> scheme://user:***@host ; ...?password=x -> ...?password=***
-_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/?#@]*:)(?P<secret>[^\s/?#]*)@")
+# Hydra escapes colons in the overrides it records and logs with -m (`http\://user\:password@host`): the
+# optional backslashes catch that form too.
+_USERINFO = re.compile(r"(?P<head>\b[A-Za-z][A-Za-z0-9+.\-]*\\?://[^\s:/?#@\\]*\\?:)(?P<secret>[^\s/?#]*)@")
 _QUERY = re.compile(r"(?P<head>[?&](?:password|passwd|pwd|token)=)[^&#\s]*", re.IGNORECASE)
 
 

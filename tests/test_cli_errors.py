@@ -259,3 +259,14 @@ def test_a_sweep_that_lost_mlflow_is_one_masked_line_exit_3_and_no_file_holds_th
     assert_one_error_line(result, 3, "MLflow tracking server http://u:***@127.0.0.1:9/ unreachable")
     assert list(tmp_path.glob("outputs/*/*/.hydra/overrides.yaml"))
     assert_no_secret_anywhere(tmp_path, result.stdout, result.stderr)
+
+
+def test_multirun_masks_the_password_hydra_logs_and_records_with_escaped_colons(tmp_path):
+    """With -m, Hydra's launcher logs `#0 : tracking.uri=http\\://u\\:<password>@...` before the job starts and
+    records the same escaped form in multirun.yaml; neither may hold the password."""
+    result = run_cli(["-m", f"tracking.uri=http://u:{SECRET}@127.0.0.1:9/", "train.epochs=0"], cwd=tmp_path,
+                     timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "train.epochs" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.glob("multirun/*/*/multirun.yaml"))
+    assert_no_secret_anywhere(tmp_path, result.stdout, result.stderr)
