@@ -253,9 +253,9 @@ def run_single(cfg: Any) -> ExperimentResult:
                   f"wall {result.wall_seconds:.1f}s" + (f" ({result.reason})" if result.reason else ""))
     if tracker is not None:
         console.print(f"MLflow run {result.run_id} in {mask_url(tracker.uri)}")
-        if tracker.uri.startswith("sqlite:///"):
-            console.print(f"browse: mlflow ui --backend-store-uri {tracker.uri}  then open "
-                          f"http://127.0.0.1:5000/{tracker.run_url(result.run_id)}")
+        line = tracker.browse_line(tracker.run_url(result.run_id))   # the run page, Model-training view
+        if line is not None:
+            console.print(line, soft_wrap=True)
     if result.state == "FAILED":
         raise SystemExit(1)
     return result

@@ -17,7 +17,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_secrets, mask_url
@@ -32,6 +32,10 @@ _RETRY_STATUSES = (429, 502, 503, 504)
 _PARAMS_PER_BATCH = 100
 _METRICS_PER_BATCH = 1000
 _PARAM_VALUE_MAX = 6000
+
+# MLflow 3.17's UI opens an experiment's pages in the GenAI view unless the URL asks for Model training; this
+# query (inside the `#/...` route) selects it, measured with MLflow 3.17.2 on run and artifact pages alike.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
 
 
 def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) -> str:
@@ -233,8 +237,29 @@ class Tracker:
         return [(run.info.run_id, dict(run.data.tags)) for run in runs]
 
     def run_url(self, run_id: str) -> str:
-        """What to open in `mlflow ui`: the run page, with the classic (non-GenAI) view selected."""
-        return f"#/experiments/{self.experiment_id}/runs/{run_id}"
+        """What to open in `mlflow ui`: the run page, in the Model-training (non-GenAI) view."""
+        return f"#/experiments/{self.experiment_id}/runs/{run_id}?{MODEL_TRAINING_VIEW}"
+
+    def artifact_url(self, run_id: str, artifact_path: str) -> str:
+        """What to open in `mlflow ui`: the run's artifact `artifact_path` shown in the artifact viewer (an
+        .html file renders there), in the Model-training view."""
+        from urllib.parse import quote
+
+        return (f"#/experiments/{self.experiment_id}/runs/{run_id}/artifacts/{quote(artifact_path, safe='/')}"
+                f"?{MODEL_TRAINING_VIEW}")
+
+    def browse_line(self, fragment: str) -> str | None:
+        """`browse: <link>` for a `run_url` / `artifact_url` fragment: the server's own URL (password masked)
+        for an http(s) store; for a database store, the `mlflow ui` command to start and the local URL to
+        open; None where there is no UI to point at (databricks)."""
+        if self.uri.startswith(("http://", "https://")):
+            return f"browse: {mask_url(self.uri).rstrip('/')}/{fragment}"
+        scheme = self.uri.split("://", 1)[0].split("+", 1)[0].lower()
+        if scheme in ("sqlite", "postgresql", "mysql", "mssql"):
+            # Two spaces before "then": the command ends there, so a double click selects just the URI.
+            return (f"browse: mlflow ui --backend-store-uri {mask_url(self.uri)}  then open "
+                    f"http://127.0.0.1:5000/{fragment}")
+        return None
 
     # -- logging --------------------------------------------------------------------------------------------
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -250,6 +275,16 @@ class Tracker:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for i in range(0, len(items), _METRICS_PER_BATCH):
+            self._call(self.client.log_batch, run_id, metrics=items[i:i + _METRICS_PER_BATCH], synchronous=True)
+
+    def log_metric_points(self, run_id: str, points: Iterable[tuple[str, float, int, int]]) -> None:
+        """(key, value, step, timestamp ms) points of many keys and steps in one request (1000 per request).
+        A caller that passes the same timestamp for the same data makes a repeat a no-op: the store drops
+        exact duplicates (key, value, step, timestamp)."""
+        from mlflow.entities import Metric
+
+        items = [Metric(key, float(value), int(timestamp), int(step)) for key, value, step, timestamp in points]
         for i in range(0, len(items), _METRICS_PER_BATCH):
             self._call(self.client.log_batch, run_id, metrics=items[i:i + _METRICS_PER_BATCH], synchronous=True)
 

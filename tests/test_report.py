@@ -43,9 +43,11 @@ def run_tiny_sweep(tmp_path_factory) -> Path:
     if not (root / "done").exists():
         root.mkdir(exist_ok=True)
         write_sweep(root / "cfg", "rtiny", TINY_SWEEP)
-        run_cli(["--config-dir", root / "cfg", "+sweep=rtiny", *TINY, "train.epochs=1",
-                 "train.threads=1", "tracking.experiment=rtiny", "eval.spatial=true", "eval.spatial_images=8",
-                 "eval.robustness=[occlusion,fgsm]", "eval.robustness_images=64"], cwd=root, check=True)
+        result = run_cli(["--config-dir", root / "cfg", "+sweep=rtiny", *TINY, "train.epochs=1",
+                          "train.threads=1", "tracking.experiment=rtiny", "eval.spatial=true",
+                          "eval.spatial_images=8", "eval.robustness=[occlusion,fgsm]", "eval.robustness_images=64"],
+                         cwd=root, check=True, env={"COLUMNS": ""})   # a log file's width: links stay one line
+        (root / "stderr.txt").write_text(result.stderr)
         (root / "done").write_text("ok")
     return root
 
@@ -212,7 +214,17 @@ def test_sweep_report_is_logged_to_the_parent_run(tmp_path_factory):
     client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     parent = study.user_attrs["mlflow_parent_run_id"]
     logged = {Path(a.path).name for a in client.list_artifacts(parent, "report")}
-    assert {"report.md", "variants.csv", "deltas.csv", "trials.csv", *REPORT_PNGS} <= logged
+    assert {"report.html", "report.md", "variants.csv", "deltas.csv", "trials.csv", *REPORT_PNGS} <= logged
+    # The sweep's last line opens that report page in MLflow's Model-training view; one seed decides nothing.
+    printed = (root / "stderr.txt").read_text().strip().splitlines()
+    experiment = client.get_run(parent).info.experiment_id
+    assert printed[-1].startswith("browse: mlflow ui --backend-store-uri sqlite:///"), printed[-3:]
+    assert printed[-1].endswith(f"#/experiments/{experiment}/runs/{parent}/artifacts/report/report.html"
+                                "?workflowType=machine_learning")
+    assert any(line.startswith("decision (val/acc_best): model.pool=conv - model.pool=none = ")
+               and "on 1 seed: no interval" in line for line in printed)
+    history = client.get_metric_history(parent, "variant/model.pool_conv/val/acc")
+    assert [m.step for m in history] == [0]     # one epoch, one point
     rows = {r["model.pool"]: r for r in read_csv(out / "variants.csv")}
     for trial in study.get_trials(states=(TrialState.COMPLETE,)):
         row = rows[trial.params["model.pool"]]

@@ -1,10 +1,14 @@
-"""A sweep's report: per-variant tables (mean and 95% CI over seeds), paired deltas against the baseline
-variant, curves and accuracy-vs-MACs plots, Optuna's plots; written to `<output_dir>/report/` (report.md,
-variants.csv, deltas.csv, trials.csv, PNGs) and logged to the sweep's parent MLflow run under `report/`.
+"""A sweep's report: one decision per comparison first, then per-variant tables (mean and 95% CI over seeds),
+paired deltas against the baseline variant, curves and accuracy-vs-MACs plots, Optuna's plots; written to
+`<output_dir>/report/` (report.html, report.md, variants.csv, deltas.csv, trials.csv, PNGs) and logged to the
+sweep's parent MLflow run under `report/`, with each variant's mean curves as the parent's metrics.
 
 The sweep runner calls `write_report` when a sweep completes; `python -m pitsearch.report STUDY` makes it on
-demand. Modules: `source` (open the study, what the report knows of the sweep), `tables` (numbers, CSV,
-markdown), `figures` (PNGs), `writer` (puts it together). Heavy imports wait until a report is made.
+demand. Modules: `source` (open the study, what the report knows of the sweep), `tables` (numbers, CSV),
+`decisions` (the sentences, by pitsearch.sequential), `figures` (PNGs), `document` (report.md and the
+self-contained report.html from one list of blocks), `parent` (what goes to the parent MLflow run), `publish`
+(staging folder, swap, the record a rerun checks, the link a sweep ends on), `writer` (puts it together).
+Heavy imports wait until a report is made.
 """
 
 from __future__ import annotations

@@ -54,8 +54,14 @@ def main(argv=None) -> int:
     tracker, parent_run_id = (None, None) if args.no_mlflow else _parent_run(study, args.tracking_uri, console)
     from pitsearch.report import write_report
 
-    write_report(study, spec, tracker=tracker, parent_run_id=parent_run_id, console=console,
-                 baseline=baseline or None, out_dir=args.out)
+    report = write_report(study, spec, tracker=tracker, parent_run_id=parent_run_id, console=console,
+                          baseline=baseline or None, out_dir=args.out)
+    if report.logged_to:   # last, as a sweep ends: the report page in MLflow, one click away
+        from pitsearch.report.publish import ARTIFACT_DIR, REPORT_PAGE
+
+        line = tracker.browse_line(tracker.artifact_url(report.logged_to, f"{ARTIFACT_DIR}/{REPORT_PAGE}"))
+        if line is not None:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     return 0
 
 

@@ -16,7 +16,7 @@ DPI = 110
 
 def write_figures(out_dir: Path, study, spec, variants: list[dict[str, Any]]) -> tuple[list[Path], list[str]]:
     """All figures into `out_dir`; returns (written files, notes about skipped plots)."""
-    from pitsearch.plots import accuracy_cost_figure, run_curves_figure, variant_colours
+    from pitsearch.plots import run_curves_figure, variant_colours
 
     written: list[Path] = []
     notes: list[str] = []
@@ -29,9 +29,9 @@ def write_figures(out_dir: Path, study, spec, variants: list[dict[str, Any]]) ->
             colours=colours), written, notes, "curves" if curves else None)
         points = {row["variant"]: (row["macs"], [r["final"].get(PRIMARY_METRIC) for r in row["records"]])
                   for row in variants}
-        _save(out_dir / "acc_vs_macs.png", lambda: accuracy_cost_figure(
-            points, cost_label="MACs", score_label=PRIMARY_METRIC, title=f"{spec.study_name}: "
-            f"{PRIMARY_METRIC} vs MACs (Pareto front of the variant means)", colours=colours),
+        _save(out_dir / "acc_vs_macs.png", lambda: accuracy_macs_figure(
+            points, title=f"{spec.study_name}: {PRIMARY_METRIC} vs MACs (Pareto front of the variant means)",
+            colours=colours),
             written, notes, "accuracy vs MACs" if any(p[0] is not None for p in points.values()) else None)
         # Trials that ran with eval.spatial carry per-block attention profiles: overlay the variants (PiT vs ViT).
         profiles = {row["variant"]: [r["spatial"] for r in row["records"] if r.get("spatial")] for row in variants}
@@ -49,6 +49,31 @@ def write_figures(out_dir: Path, study, spec, variants: list[dict[str, Any]]) ->
     with matplotlib.rc_context():   # Optuna's plots switch the global style to ggplot; keep that in here
         _optuna_figures(out_dir, study, spec, written, notes)
     return written, notes
+
+
+MAC_UNITS = ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "K"))
+
+
+def mac_unit(costs) -> tuple[float, str]:
+    """(scale, prefix) that puts the largest cost between 1 and 1000: 13.9 M rather than 1.39e7."""
+    top = max((abs(float(c)) for c in costs if c is not None), default=0.0)
+    return next(((scale, prefix) for scale, prefix in MAC_UNITS if top >= scale), (1.0, ""))
+
+
+def accuracy_macs_figure(points: dict[str, tuple[Any, list]], title: str, colours=None):
+    """pitsearch.plots.accuracy_cost_figure with MACs in K / M / G units: "MACs (M)" and ticks 5, 10, 15,
+    instead of matplotlib's raw counts with a "1e7" offset that a reader has to fold back in."""
+    from pitsearch.plots import accuracy_cost_figure
+
+    scale, prefix = mac_unit(cost for cost, _ in points.values())
+    scaled = {label: (None if cost is None else float(cost) / scale, scores)
+              for label, (cost, scores) in points.items()}
+    figure = accuracy_cost_figure(scaled, cost_label=f"MACs ({prefix})" if prefix else "MACs",
+                                  score_label=PRIMARY_METRIC, title=title, colours=colours)
+    ax = figure.axes[0]
+    if ax.get_xscale() == "linear":   # a log axis has no offset to turn off
+        ax.ticklabel_format(axis="x", style="plain", useOffset=False)
+    return figure
 
 
 def _optuna_figures(out_dir: Path, study, spec, written: list[Path], notes: list[str]) -> None:

@@ -27,7 +27,9 @@ from typing import Iterator
 from pitsearch.errors import ConfigError
 
 REPORT_ATTR = "report_written"
-REPORT_SUFFIXES = (".md", ".csv", ".png")   # what a report folder holds; anything else is not ours to replace
+REPORT_SUFFIXES = (".md", ".csv", ".png", ".html")   # what a report folder holds; anything else is not ours
+REPORT_PAGE = "report.html"   # a folder without it predates it: report_is_current says no, and it is made again
+ARTIFACT_DIR = "report"       # the report's folder in the parent MLflow run's artifacts
 STALE_S = 24 * 3600                         # another host's leftover staging folder is removed after a day
 
 
@@ -46,8 +48,21 @@ def report_is_current(study, rspec, parent_run_id: str | None) -> bool:
     `parent_run_id` (None: no MLflow)."""
     record = study.user_attrs.get(REPORT_ATTR) or {}
     folder = default_report_dir(rspec)
-    return (record.get("dir") == str(folder) and (folder / "report.md").is_file()
+    # report.html is required too: a report written before it existed is made again (and logged), so the link a
+    # sweep prints to it opens something.
+    return (record.get("dir") == str(folder) and (folder / "report.md").is_file() and (folder / REPORT_PAGE).is_file()
             and record.get("trials") == trials_fingerprint(study) and record.get("logged_to") == parent_run_id)
+
+
+def browse_line(study, spec, tracker, parent_run_id: str) -> str | None:
+    """The line a sweep ends on: `browse: <link>` to the report page in the parent run's artifacts when the run
+    holds the study's current report, else to the parent run's page (pitsearch.tracking.Tracker.browse_line);
+    None for a store without a UI. `spec`: a SweepSpec or ReportSpec."""
+    from pitsearch.report.source import ReportSpec
+
+    if report_is_current(study, ReportSpec.from_sweep(spec), parent_run_id):
+        return tracker.browse_line(tracker.artifact_url(parent_run_id, f"{ARTIFACT_DIR}/{REPORT_PAGE}"))
+    return tracker.browse_line(tracker.run_url(parent_run_id))
 
 
 def mark_written(study, rspec, folder: Path, logged_to: str | None, fingerprint: str) -> None:

@@ -125,16 +125,16 @@ def write_variants_csv(path: Path, variants: list[dict[str, Any]], metrics: Sequ
 
 
 def write_deltas_csv(path: Path, comparisons: list[Comparison]) -> None:
-    """One row per comparison and metric: the per-seed deltas, then their mean, CI and sign-flip p."""
+    """One row per comparison and metric: the per-seed deltas, then their mean, CI, sign-flip p and paired t p."""
     header = ["variant", "baseline", "metric", "n_pairs", "seeds", "deltas", "mean", "ci95", "low", "high",
-              "ci_excludes_zero", "p_sign_flip", "baseline_mean", "variant_mean"]
+              "ci_excludes_zero", "p_sign_flip", "p_t_test", "baseline_mean", "variant_mean"]
     rows = []
     for c in comparisons:
         for metric, d in c.deltas.items():
             iv = d.interval
             rows.append([c.variant, c.baseline, metric, iv.n, " ".join(str(k) for k, *_ in d.pairs),
                          " ".join(f"{x:.6g}" for x in d.deltas), _cell(iv.mean), _cell(iv.half_width),
-                         _cell(iv.low), _cell(iv.high), iv.excludes_zero, _cell(d.p_value),
+                         _cell(iv.low), _cell(iv.high), iv.excludes_zero, _cell(d.p_value), _cell(d.t_p_value),
                          _cell(_mean(a for _, a, _, _ in d.pairs)), _cell(_mean(b for _, _, b, _ in d.pairs))])
     _write_csv(path, header, rows)
 
@@ -211,9 +211,11 @@ def variant_table_rows(variants: list[dict[str, Any]], metrics: Sequence[str],
 
 def delta_table_rows(comparisons: list[Comparison], metrics: Sequence[str],
                      digits: int = 4) -> tuple[list[str], list[list[str]]]:
-    """One row per comparison and metric: n pairs, per-seed deltas, mean ± CI, CI excludes zero, p."""
+    """One row per comparison and metric: n pairs, per-seed deltas, mean ± CI, CI excludes zero, the sign-flip p
+    and the paired t-test's p side by side (the first exact but floored at 2/2^n, the second unfloored but
+    assuming roughly normal deltas: a reader sees when they disagree)."""
     header = ["comparison", "metric", "pairs", "per-seed delta", "mean delta ± 95% CI", "CI excludes 0",
-              "p (sign flip)"]
+              "p (sign flip)", "p (t-test)"]
     rows = []
     for c in comparisons:
         for metric in metrics:
@@ -223,8 +225,16 @@ def delta_table_rows(comparisons: list[Comparison], metrics: Sequence[str],
             places = metric_digits(metric, digits)
             per_seed = " ".join(f"{k}:{delta:+.{places}f}" for k, _, _, delta in d.pairs)
             rows.append([c.label, SHORT_NAMES.get(metric, metric), str(d.interval.n), per_seed,
-                         _signed_pm(d.interval, places), _yes_no(d.interval), fmt_num(d.p_value, 3)])
+                         _signed_pm(d.interval, places), _yes_no(d.interval), fmt_p(d.p_value),
+                         fmt_p(d.t_p_value)])
     return header, rows
+
+
+def fmt_p(p: float) -> str:
+    """A p-value in three decimals; "< 0.001" rather than a "0.000" that reads as impossible."""
+    if p is None or math.isnan(p):
+        return ""
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _signed_pm(interval, digits: int) -> str:
@@ -262,9 +272,28 @@ def rich_table(title: str, header: list[str], rows: list[list[str]]):
     return table
 
 
-_ILLEGAL_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. :/]")
+# What MLflow allows in a metric key on every OS (its colon is refused on Windows): letters, digits, _ - . space /.
+_ILLEGAL_KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
+MAX_KEY_LENGTH = 250   # MLflow's MAX_ENTITY_KEY_LENGTH
 
 
 def metric_key(*parts: str) -> str:
-    """An MLflow-legal metric key (letters, digits, _ - . space : /) from free-text parts."""
-    return "/".join(_ILLEGAL_KEY_CHARS.sub("_", part).strip() for part in parts)[:250]
+    """An MLflow-legal metric key from free-text parts joined by "/" (a variant label may hold "/" too).
+
+    MLflow also refuses a key that reads as another path ("a//b", "a/./b", a trailing "/"), so empty, "." and
+    ".." segments go. Over 250 characters, the longest part (the variant label, never the metric name at the
+    end) is shortened and given a hash of itself, so two long labels stay two keys."""
+    cleaned = [_key_part(part) for part in parts]
+    excess = len("/".join(cleaned)) - MAX_KEY_LENGTH
+    if excess > 0:
+        import hashlib
+
+        i = max(range(len(cleaned)), key=lambda j: len(cleaned[j]))
+        digest = hashlib.sha1(str(parts[i]).encode()).hexdigest()[:8]
+        cleaned[i] = _key_part(cleaned[i][:max(1, len(cleaned[i]) - excess - 9)]) + "-" + digest
+    return "/".join(cleaned)[:MAX_KEY_LENGTH]
+
+
+def _key_part(part: Any) -> str:
+    segments = (s.strip() for s in _ILLEGAL_KEY_CHARS.sub("_", str(part)).split("/"))
+    return "/".join("_" if s in (".", "..") else s for s in segments if s) or "_"
