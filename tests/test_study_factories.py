@@ -57,7 +57,8 @@ def _study(storage, sampler=None, name="s", directions=("maximize",)):
 def test_make_sampler_by_name(grid_space, range_space):
     assert isinstance(make_sampler({"name": "grid"}, grid_space, 1), optuna.samplers.GridSampler)
     tpe = make_sampler({"name": "tpe", "n_startup_trials": 3, "seed": 5}, range_space, 1, worker_index=2)
-    assert isinstance(tpe, optuna.samplers.TPESampler) and tpe._n_startup_trials == 3
+    # A seeded sampler draws each trial with a seed of its own (TrialSeededSampler); `base` is the one built.
+    assert isinstance(tpe.base, optuna.samplers.TPESampler) and tpe.base._n_startup_trials == 3
     assert isinstance(make_sampler({"name": "random"}, range_space, 2), optuna.samplers.RandomSampler)
     assert isinstance(make_sampler({"name": "nsga2", "population_size": 8}, grid_space, 2),
                       optuna.samplers.NSGAIISampler)

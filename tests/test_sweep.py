@@ -126,7 +126,8 @@ def test_ctrl_c_marks_the_running_trial_and_the_next_run_resumes(tmp_path):
     _wait_for_running_trial(tmp_path, "interrupted", process)
     os.killpg(process.pid, signal.SIGINT)
     _, stderr = process.communicate(timeout=60)
-    assert "interrupted" in stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr
+    assert process.returncode == 130, stderr   # 128 + SIGINT, after the clean-up: not a success
     study = load_study(tmp_path, "interrupted")
     counts = states(study)
     assert counts["RUNNING"] == 0 and counts["FAIL"] == 1 and counts["WAITING"] == 1

@@ -23,6 +23,7 @@ __all__ = [
     "clean_accuracy",
     "fgsm_accuracy",
     "load_eval_defaults",
+    "metric_names",
     "occlusion_accuracy",
     "resolve_eval_config",
     "run_analyses",
@@ -102,6 +103,17 @@ def validate_eval_config(cfg: Any) -> None:
         raise ConfigError("eval.occlusion_fraction", f"must be in [0, 1), got {fraction!r}")
     if _number(cfg, "fgsm_epsilon") < 0:
         raise ConfigError("eval.fgsm_epsilon", f"must be >= 0 (0..255 pixel units), got {cfg['fgsm_epsilon']!r}")
+
+
+def metric_names(eval_cfg: Any) -> list[str]:
+    """The scalar metrics `run_analyses` returns for `eval_cfg` (a trial's final metrics hold them beside the
+    trainer's METRIC_KEYS): a sweep checks its objectives against them before any trial runs."""
+    cfg = resolve_eval_config(eval_cfg)
+    names = [f"spatial/mean_{key}" for key in SPATIAL_METRICS] if cfg["spatial"] else []
+    kinds = list(dict.fromkeys(cfg["robustness"] or []))
+    if kinds:
+        names += ["robust/clean_acc", *(f"robust/{kind}_acc" for kind in kinds)]
+    return names
 
 
 def run_analyses(model, dataset, eval_cfg: Any, tracker=None, run_id: str | None = None) -> dict[str, Any]:

@@ -18,12 +18,13 @@ from typing import Any
 
 from pitsearch.experiment import to_container, validate_config
 from pitsearch.masking import mask_url
-from pitsearch.retry import ServiceUnavailable
 from pitsearch.search.compose import TrialComposer
+from pitsearch.search.preflight import check_sweep
 from pitsearch.search.space import SEED_PATH
 from pitsearch.search.spec import SweepSpec, parse_sweep
-from pitsearch.search.worker import (EXIT_SERVICE_UNAVAILABLE, WorkerAbort, WorkerContext, budget_reached,
-                                     reap_dead_workers, run_worker, worker_process_main)
+from pitsearch.search.trials import failures_line, sweep_status
+from pitsearch.search.worker import (EXIT_SERVICE_UNAVAILABLE, EXIT_TRIALS_FAILED, WorkerAbort, WorkerContext,
+                                     budget_reached, reap_dead_workers, run_worker, worker_process_main)
 from pitsearch.tracking import flatten
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"
@@ -42,27 +43,24 @@ def config_paths(cfg: dict[str, Any]) -> list[str]:
 def run_sweep(cfg: Any, composer: TrialComposer | None = None) -> dict[str, Any]:
     from pitsearch.console import make_console
 
-    console = make_console()
-    try:
-        return _run_sweep(cfg, composer, console)
-    except (ServiceUnavailable, WorkerAbort) as error:
-        console.print(f"error: {error}", markup=False, highlight=False, soft_wrap=True)
-        raise SystemExit(EXIT_SERVICE_UNAVAILABLE) from None
+    # A lost server (ServiceUnavailable, WorkerAbort) propagates: `pitsearch.cli.guarded`, the one top-level
+    # handler, prints its line (masked) and exits 3.
+    return _run_sweep(cfg, composer, make_console())
 
 
 def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, Any]:
     from pitsearch.tracking import Tracker
 
-    _mask_hydra_record()
     base_dir = os.getcwd()
     composer = composer or TrialComposer.from_hydra()
     cfg = to_container(cfg)
     known = config_paths(cfg)
     spec = parse_sweep(cfg["sweep"], known_paths=known, base_dir=base_dir)
     validate_config(cfg)
-    # Every trial override must compose: a typo in the space fails now, not in trial 7.
-    for overrides in spec.space.example_overrides():
-        composer.compose(overrides)
+    # Every trial override must compose: a typo in the space fails now, not in trial 7. The composed examples
+    # then go through a trial's checks (pitsearch.search.preflight): an objective no trial reports, or an error
+    # every trial would hit, is one line now instead of a study of failed trials that the fixed command resumes.
+    check_sweep(spec, [composer.compose(overrides) for overrides in spec.space.example_overrides()])
 
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     tracking_cfg = dict(cfg.get("tracking") or {})
@@ -71,12 +69,18 @@ def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, A
     study, created = _create_or_join_study(spec)
     parent_run_id = _ensure_parent_run(study, spec, tracker, cfg, created) if tracker else None
     _requeue_lost_trials(study, tracker, parent_run_id, console)
+    _retry_failed_cells(study, spec, console)
 
-    if budget_reached(study, spec) and not _running(study):
-        console.print(f"study {spec.study_name!r} is complete: {_finished(study)}/{spec.n_trials} trials finished; "
-                      "nothing to train")
+    status = sweep_status(study, spec)
+    if status.complete and not status.running:
+        console.print(f"study {spec.study_name!r} is complete: {status.done}/{status.total} {status.unit} finished; "
+                      "nothing to train", markup=False, highlight=False)
         summary = _finish(study, spec, tracker, parent_run_id, console, interrupted=False, trained=False)
         return summary
+    if not status.startable and not status.running:  # only cells that failed MAX_CELL_ATTEMPTS times are left
+        summary = _finish(study, spec, tracker, parent_run_id, console, interrupted=False, trained=False)
+        console.print(failures_line(spec.study_name, status, spec.space), markup=False, highlight=False)
+        raise SystemExit(EXIT_TRIALS_FAILED)
 
     console.print(f"sweep {spec.study_name!r}: {spec.n_trials} trials, {len(worker_devices(spec, cfg['train'].get('device')))} "
                   f"worker(s), storage "
@@ -101,23 +105,28 @@ def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, A
         monitor.stop(refresh=not lost)
     if lost:
         raise SystemExit(EXIT_SERVICE_UNAVAILABLE)  # the workers said why
-    return _finish(study, spec, tracker, parent_run_id, console, interrupted=interrupted, trained=True)
+    summary = _finish(study, spec, tracker, parent_run_id, console, interrupted=interrupted, trained=True)
+    status = sweep_status(study, spec)
+    if status.failed and not status.running and not interrupted:
+        # The last line says what failed and why; an unfinished sweep exits non-zero (a sweep whose every trial
+        # failed must not look like a success to a script), a complete one with failures on the way does not.
+        console.print(failures_line(spec.study_name, status, spec.space), markup=False, highlight=False)
+        if not status.complete:
+            raise SystemExit(EXIT_TRIALS_FAILED)
+    return summary
 
 
-def _mask_hydra_record() -> None:
-    """Hydra saved the command line (`sweep.storage=postgresql://user:password@...`) under its output dir
-    before this job started; mask the passwords there too."""
-    from pathlib import Path
-
-    from hydra.core.hydra_config import HydraConfig
-
-    if not HydraConfig.initialized() or not HydraConfig.get().output_subdir:
+def _retry_failed_cells(study, spec: SweepSpec, console) -> None:
+    """A grid's failed cells run again when the sweep does (up to MAX_CELL_ATTEMPTS attempts per cell)."""
+    if spec.sampler["name"] != "grid":
         return
-    record = Path(HydraConfig.get().runtime.output_dir) / HydraConfig.get().output_subdir
-    for path in record.glob("*.yaml"):
-        text = path.read_text()
-        if mask_url(text) != text:
-            path.write_text(mask_url(text))
+    from pitsearch.search.grid import requeue_failed
+
+    for failure in requeue_failed(study, spec.space, spec.sampler.get("seed")):
+        values = spec.space.decode(failure.params or failure.system_attrs.get("fixed_params", {}))
+        console.print(f"cell {' '.join(spec.space.to_overrides(values))} failed in trial {failure.number} "
+                      f"({failure.user_attrs.get('fail_reason') or 'no reason recorded'}): queued again",
+                      markup=False, highlight=False)
 
 
 def _open_or_create_study(spec: SweepSpec):
@@ -129,7 +138,8 @@ def _create_or_join_study(spec: SweepSpec):
     import optuna
 
     from pitsearch.search.storage import make_storage
-    from pitsearch.search.study import load_or_create_study, make_pruner, make_sampler
+    from pitsearch.search.grid import seed_as_range
+    from pitsearch.search.study import check_resumable, load_or_create_study, make_pruner, make_sampler
 
     storage = make_storage(spec.storage, spec.output_dir, heartbeat_interval=spec.heartbeat_interval_s,
                            retry_timeout_s=spec.retry_timeout_s)
@@ -138,8 +148,13 @@ def _create_or_join_study(spec: SweepSpec):
         created = True
     except optuna.exceptions.DuplicatedStudyError:
         created = False
-    return load_or_create_study(spec.study_name, storage, make_sampler(spec.sampler, spec.space, len(spec.objectives)),
-                                make_pruner(spec.pruner, len(spec.objectives)), spec.directions), created
+    study = load_or_create_study(spec.study_name, storage,
+                                 make_sampler(spec.sampler, spec.space, len(spec.objectives),
+                                              study_name=spec.study_name),
+                                 make_pruner(spec.pruner, len(spec.objectives)), spec.directions)
+    grid = spec.sampler["name"] == "grid"
+    check_resumable(study, spec.space, grid=grid, seed_range=grid and seed_as_range(study))
+    return study, created
 
 
 def _requeue_lost_trials(study, tracker, parent_run_id: str | None, console) -> None:
@@ -299,8 +314,9 @@ class _Monitor:
 
         self.study, self.spec, self.tracker, self.parent_run_id = study, spec, tracker, parent_run_id
         self.interval_s = interval_s
-        self.bar = Progress(TextColumn(f"sweep {spec.study_name}"), BarColumn(), MofNCompleteColumn(),
-                            TextColumn("{task.fields[best]}"), TimeElapsedColumn(), console=console)
+        # markup=False: a study name or a best variant holding brackets ("[1, 2, 1]", a path) is plain text.
+        self.bar = Progress(TextColumn(f"sweep {spec.study_name}", markup=False), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("{task.fields[best]}", markup=False), TimeElapsedColumn(), console=console)
         self.task = self.bar.add_task("trials", total=spec.n_trials, best="")
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
@@ -334,13 +350,22 @@ class _Monitor:
         self._last_finished = finished
 
 
+def _report_is_current(study, spec: SweepSpec, parent_run_id: str | None) -> bool:
+    from pitsearch.report.publish import report_is_current
+    from pitsearch.report.source import ReportSpec
+
+    return report_is_current(study, ReportSpec.from_sweep(spec), parent_run_id)
+
+
 def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted: bool, trained: bool) -> dict[str, Any]:
     from pitsearch.search.summary import log_parent_summary, print_summary, trial_records
 
     if tracker is not None:
         log_parent_summary(study, spec, tracker, parent_run_id)
     complete = budget_reached(study, spec) and not _running(study)
-    if complete and spec.report and trained:
+    # A rerun of a complete sweep writes the report when the last one is missing, was cut short by a kill, never
+    # reached the parent run, or predates trials (pitsearch.report.publish records each finished report).
+    if complete and spec.report and (trained or not _report_is_current(study, spec, parent_run_id)):
         from pitsearch.report import write_report
 
         write_report(study, spec, tracker=tracker, parent_run_id=parent_run_id, console=console)
@@ -354,16 +379,15 @@ def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted
             tracker.end_run(parent_run_id, status="FINISHED")
         elif not _running(study):
             tracker.end_run(parent_run_id, status="KILLED")
-        console.print(f"MLflow parent run {parent_run_id} ({spec.study_name}) in {mask_url(tracker.uri)}",
-                      markup=False, highlight=False)
         swept = [name for name in spec.space.names if name != SEED_PATH]
         group_by = "the tag " + " / ".join(swept) if swept else "the tag variant"
-        if tracker.uri.startswith(("http://", "https://")):
-            console.print(f"browse: {mask_url(tracker.uri).rstrip('/')}/{tracker.run_url(parent_run_id)} ; in the "
-                          f"experiment's runs table, Group by {group_by}", markup=False, highlight=False)
-        elif tracker.uri.startswith("sqlite:///"):
-            console.print(f"browse: mlflow ui --backend-store-uri {tracker.uri}  then open "
-                          f"http://127.0.0.1:5000/{tracker.run_url(parent_run_id)} ; in the experiment's runs "
-                          f"table, Group by {group_by}", markup=False, highlight=False)
+        console.print(f"MLflow parent run {parent_run_id} ({spec.study_name}) in {mask_url(tracker.uri)}; in the "
+                      f"experiment's runs table, Group by {group_by} for each variant's mean curve over seeds",
+                      markup=False, highlight=False)
+        from pitsearch.report.publish import browse_line
+
+        line = browse_line(study, spec, tracker, parent_run_id)   # the last line: one click to the report page
+        if line is not None:
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
     summary["interrupted"] = interrupted
     return summary

@@ -100,13 +100,16 @@ class SearchSpace:
     def is_conditional(self) -> bool:
         return any(p.when is not None for p in self.params)
 
-    def suggest(self, trial: Any) -> dict[str, Any]:
-        """Suggest every parameter whose condition holds; returns path -> decoded value."""
+    def suggest(self, trial: Any, seed_range: bool = False) -> dict[str, Any]:
+        """Suggest every parameter whose condition holds; returns path -> decoded value. `seed_range`: see
+        `distributions`."""
         values: dict[str, Any] = {}
         for p in self.params:
             if p.when is not None and not p.when.holds(values):
                 continue
-            if p.kind == "categorical":
+            if seed_range and p.path == SEED_PATH:
+                values[p.path] = trial.suggest_int(p.path, min(p.choices), max(p.choices))
+            elif p.kind == "categorical":
                 values[p.path] = p.decode(trial.suggest_categorical(p.path, p.encoded_choices))
             elif p.kind == "int":
                 values[p.path] = trial.suggest_int(p.path, p.low, p.high, step=p.step or 1, log=p.log)
@@ -163,9 +166,31 @@ class SearchSpace:
             return math.prod(len(p.choices or ()) for p in self.params)
         return sum(1 for _ in self.iter_cells())
 
+    def distributions(self, seed_range: bool = False) -> dict[str, Any]:
+        """The Optuna distribution `suggest` stores for each parameter. With `seed_range` (grid sweeps) the seed
+        axis is an IntDistribution spanning the seeds rather than a categorical: Optuna refuses a categorical
+        whose choices change, and a grid grows by adding seeds (the grid's cells, not the distribution, say
+        which seeds run; samplers that draw, like TPE, keep the categorical so they draw listed seeds only)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        out: dict[str, Any] = {}
+        for p in self.params:
+            if seed_range and p.path == SEED_PATH:
+                out[p.path] = IntDistribution(min(p.choices), max(p.choices))
+            elif p.kind == "categorical":
+                out[p.path] = CategoricalDistribution(p.encoded_choices)
+            elif p.kind == "int":
+                out[p.path] = IntDistribution(p.low, p.high, log=p.log, step=p.step or 1)
+            else:
+                out[p.path] = FloatDistribution(p.low, p.high, log=p.log, step=p.step)
+        return out
+
     def cell_key(self, values: Mapping[str, Any]) -> frozenset:
-        """A hashable identity of a configuration (encoded values), e.g. for finished-cell sets."""
-        return frozenset(self.encode(values).items())
+        """The one identity of a configuration (a grid cell): its swept values, encoded as Optuna stores them.
+        Takes decoded values or a trial's stored params alike (encoding is idempotent); names outside the space
+        are ignored. Values are compared as JSON, so 1, 1.0 and true (equal in Python) stay distinct cells."""
+        return frozenset((k, json.dumps(v, sort_keys=True, default=str))
+                         for k, v in self.encode({k: v for k, v in values.items() if k in self._by_path}).items())
 
     def to_overrides(self, values: Mapping[str, Any]) -> list[str]:
         """Hydra override strings (`model.pool=conv`, `model.depths=[1,2,1]`), space order first."""

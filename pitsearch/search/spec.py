@@ -76,8 +76,12 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     study_name = node.get("study_name")
     if not isinstance(study_name, str) or not study_name.strip() or study_name == "???":
         raise ConfigError("sweep.study_name", "must be set to a non-empty string")
-    if any(ch in study_name for ch in "/\\ "):
-        raise ConfigError("sweep.study_name", f"{study_name!r}: no spaces or slashes (it names a folder)")
+    # It names a folder, pitsearch-sweeps/<study_name>: "." or ".." would write into (or above) the working
+    # folder, a leading dot hides it, separators nest it, whitespace and control characters garble it.
+    if (study_name.startswith(".") or any(ch in study_name for ch in "/\\")
+            or any(ch.isspace() or not ch.isprintable() for ch in study_name)):
+        raise ConfigError("sweep.study_name", f"{study_name!r}: must be a plain folder name (no leading dot, "
+                                              "no slashes, spaces or control characters)")
     objectives = parse_objectives(node.get("objectives"))
     seeds = node.get("seeds")
     if seeds is not None and (not isinstance(seeds, (list, tuple)) or not seeds

@@ -5,6 +5,7 @@ are checked against the class signature before construction, so a typo names `sw
 """
 from __future__ import annotations
 
+import hashlib
 import inspect
 import warnings
 from collections.abc import Mapping
@@ -12,6 +13,7 @@ from typing import Any
 
 import optuna
 from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial
 
 from pitsearch.errors import ConfigError
 from pitsearch.search.space import SearchSpace, to_plain
@@ -44,11 +46,13 @@ DIRECTIONS = ("maximize", "minimize")
 
 
 def make_sampler(
-    cfg_sampler: Any, space: SearchSpace, n_objectives: int, *, worker_index: int = 0
+    cfg_sampler: Any, space: SearchSpace, n_objectives: int, *, worker_index: int = 0, study_name: str = ""
 ) -> optuna.samplers.BaseSampler:
-    """Build `sweep.sampler`. Grid uses the same seed in every worker (it shuffles the grid with it, and
-    trial k takes cell k); the others get `seed + worker_index`, so parallel workers do not draw the same
-    random points."""
+    """Build `sweep.sampler`. Grid uses the same seed in every worker (the order of the cells is shuffled with
+    it; pitsearch.search.grid picks the cells). A seeded sampler of any other kind is a `TrialSeededSampler`:
+    each trial draws with a seed derived from the study name, `seed` and its trial number, so a resumed run,
+    a second worker or a second machine draws new points, and a fresh run with the same seed draws the same.
+    (`worker_index` is no longer needed for that: trial numbers are unique across workers and machines.)"""
     name, kwargs = _name_and_kwargs(cfg_sampler, "sweep.sampler", SAMPLERS, default="tpe")
     if n_objectives < 1:
         raise ConfigError("sweep.objectives", "needs at least one objective")
@@ -63,10 +67,62 @@ def make_sampler(
     else:
         if name == "bruteforce":
             _check_enumerable(space)
-        if seed is not None:
-            kwargs["seed"] = seed + worker_index
         _check_kwargs(cls, kwargs, "sweep.sampler")
+        if seed is not None:
+            base = _construct(cls, {**kwargs, "seed": seed}, "sweep.sampler")  # surfaces bad kwargs now
+            return TrialSeededSampler(cls, kwargs, seed, study_name, base)
     return _construct(cls, kwargs, "sweep.sampler")
+
+
+def trial_seed(study_name: str, seed: int, trial_number: int) -> int:
+    """A 32-bit seed for one trial: a hash, so neighbouring trial numbers do not get neighbouring streams."""
+    digest = hashlib.sha256(f"{study_name}\0{seed}\0{trial_number}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+class TrialSeededSampler(optuna.samplers.BaseSampler):
+    """A seeded sampler that draws each trial with `trial_seed(study, seed, trial.number)`.
+
+    A sampler seeded once per process repeats itself: a resumed sweep rebuilt it with the same seed and drew the
+    same configurations again, and two machines (or two workers given the same seed) drew the same points at
+    once. The trial number is assigned by the storage, unique across workers and machines, and counts the trials
+    already in the study, so every trial gets its own stream, and a run is reproducible from its seed. The
+    wrapped sampler is rebuilt for each trial (cheap: samplers keep their history in the study, not in
+    themselves); `base` is the sampler built with `seed` itself, for inspection.
+    """
+
+    def __init__(self, cls: type, kwargs: dict[str, Any], seed: int, study_name: str,
+                 base: optuna.samplers.BaseSampler):
+        self._cls, self._kwargs, self._seed, self._study_name = cls, dict(kwargs), seed, study_name
+        self.base = base
+        self._number: int | None = None
+        self._sampler = base
+
+    def _for(self, trial: FrozenTrial) -> optuna.samplers.BaseSampler:
+        if trial.number != self._number:
+            self._number = trial.number
+            self._sampler = _construct(self._cls, {**self._kwargs,
+                                                   "seed": trial_seed(self._study_name, self._seed, trial.number)},
+                                       "sweep.sampler")
+        return self._sampler
+
+    def before_trial(self, study, trial: FrozenTrial) -> None:
+        self._for(trial).before_trial(study, trial)
+
+    def infer_relative_search_space(self, study, trial: FrozenTrial):
+        return self._for(trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial: FrozenTrial, search_space):
+        return self._for(trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial: FrozenTrial, param_name: str, param_distribution):
+        return self._for(trial).sample_independent(study, trial, param_name, param_distribution)
+
+    def after_trial(self, study, trial: FrozenTrial, state, values) -> None:
+        self._for(trial).after_trial(study, trial, state, values)
+
+    def reseed_rng(self) -> None:  # the seeds come from the trial numbers; nothing to reseed
+        pass
 
 
 def make_pruner(cfg_pruner: Any, n_objectives: int) -> optuna.pruners.BasePruner:
@@ -174,3 +230,39 @@ def load_or_create_study(
     return study
 
 
+def check_resumable(study: optuna.Study, space: SearchSpace, grid: bool, seed_range: bool) -> None:
+    """Refuse, before anything is stored, a space the study's stored trials cannot take: Optuna fixes a
+    parameter's kind (and a categorical's choices) at its first trial, and a grid can only grow by seeds (its
+    other axes define which stored trials are which cells). One line, naming the key to change."""
+    from optuna.distributions import CategoricalDistribution, check_distribution_compatibility
+
+    from pitsearch.search.space import SEED_PATH
+
+    trials = study.get_trials(deepcopy=False)
+    stored: dict[str, Any] = {}
+    for trial in trials:
+        for name, distribution in trial.distributions.items():
+            stored.setdefault(name, distribution)
+    if not stored:
+        return
+    fix = f"use a new sweep.study_name (study {study.study_name!r} keeps its trials)"
+    for name, distribution in space.distributions(seed_range).items():
+        if name not in stored:
+            continue
+        try:
+            check_distribution_compatibility(stored[name], distribution)
+        except ValueError:
+            field = "sweep.seeds" if name == SEED_PATH else f"sweep.space.{name}"
+            was = stored[name]
+            if isinstance(was, CategoricalDistribution):
+                what = f"stores {name} with the choices {list(was.choices)}"
+            else:
+                what = f"stores {name} as {type(was).__name__}(low={was.low}, high={was.high}, log={was.log})"
+            raise ConfigError(field, f"study {study.study_name!r} {what}, and Optuna cannot change a parameter's "
+                                     f"kind or choices within a study; {fix}") from None
+    if grid:
+        axes = {name for trial in trials for name in trial.params}
+        if axes and axes != set(space.names):
+            raise ConfigError("sweep.space", f"study {study.study_name!r} is a grid over {', '.join(sorted(axes))};"
+                                             f" this sweep's grid is over {', '.join(sorted(space.names))}; only "
+                                             f"seeds can be added to a grid; {fix}")

@@ -61,12 +61,8 @@ def count_running(study: optuna.Study) -> int:
 
 
 def done_grid_cells(study: optuna.Study, space: SearchSpace) -> set[frozenset]:
-    """Cells (frozensets of (path, stored value)) that have a COMPLETE or PRUNED trial."""
-    paths = set(space.names)
-    return {
-        frozenset((k, v) for k, v in t.params.items() if k in paths)
-        for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)
-    }
+    """Cells (`SearchSpace.cell_key`) that have a COMPLETE or PRUNED trial."""
+    return {space.cell_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)}
 
 
 @dataclass(frozen=True)
@@ -181,20 +177,12 @@ def _heartbeat_stale_ids(study: optuna.Study) -> list[int]:
     return list(storage._get_stale_trial_ids(study._study_id))
 
 
-def requeue_failed(study: optuna.Study, space: SearchSpace, max_retry: int | None = 2) -> list[int]:
-    """Re-queue FAIL trials (crashes, OOM) not yet retried and whose cell is not done; returns their numbers."""
-    trials = study.get_trials(deepcopy=False)
-    retried = {n for t in trials for n in t.system_attrs.get("retry_history", [])}
-    retried |= {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
-    done = done_grid_cells(study, space)
-    retry = RetryStaleTrialCallback(max_retry)
-    requeued = []
-    for t in trials:
-        if t.state == TrialState.FAIL and t.number not in retried:
-            cell = frozenset((k, v) for k, v in t.params.items() if k in space.names)
-            if cell not in done and retry(study, t):
-                requeued.append(t.number)
-    return requeued
+def requeue_failed(study: optuna.Study, space: SearchSpace, seed: int | None = None) -> list[int]:
+    """Queue one more attempt of each failed grid cell with attempts left (pitsearch.search.grid); returns the
+    numbers of the failed trials retried."""
+    from pitsearch.search.grid import requeue_failed as requeue_failed_cells
+
+    return [t.number for t in requeue_failed_cells(study, space, seed)]
 
 
 def _stale_reason(t: FrozenTrial, host: str, now: float, older_than_s: float | None) -> str | None:
@@ -226,3 +214,74 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # exists, owned by someone else
     return True
+
+
+# ---------------------------------------------------------------------------------------------- sweep status
+
+
+@dataclass
+class SweepStatus:
+    """Where a sweep stands: `done` of `total` cells (grid) or trials finished (COMPLETE or PRUNED)."""
+
+    done: int
+    total: int
+    unit: str                   # "cells" or "trials"
+    failed: list[FrozenTrial]   # grid: the latest failure of each failed cell; else every failed trial
+    retryable: int              # failed cells the next run retries
+    running: int
+    startable: bool             # something is left for a worker to start now
+    complete: bool
+
+
+def sweep_status(study: optuna.Study, spec) -> SweepStatus:
+    """"Complete" means finished: every cell of a grid (or `sweep.n_trials` of them), else `n_trials` trials.
+    A failed cell or trial is not done: it is retried (grid: by the next run, up to MAX_CELL_ATTEMPTS)."""
+    from pitsearch.search.grid import INTERRUPTED, grid_complete, grid_state
+
+    running = count_running(study)
+    if spec.sampler["name"] == "grid":
+        state = grid_state(study, spec.space, spec.sampler.get("seed"))
+        failed = state.failed
+        retryable = sum(state.retryable(cell) for cell in failed)
+        complete = grid_complete(state, spec.n_trials)
+        return SweepStatus(done=state.done, total=min(spec.n_trials, len(state.cells)), unit="cells",
+                           failed=[state.last_fail[cell] for cell in failed], retryable=retryable, running=running,
+                           startable=not complete and bool(state.pending or state.queued), complete=complete)
+    trials = study.get_trials(deepcopy=False)
+    done = sum(t.state in FINISHED_STATES for t in trials)
+    failed = [t for t in trials if t.state == TrialState.FAIL and t.user_attrs.get("fail_reason") != INTERRUPTED]
+    return SweepStatus(done=done, total=spec.n_trials, unit="trials", failed=failed, retryable=0, running=running,
+                       startable=done < spec.n_trials, complete=done >= spec.n_trials)
+
+
+def failures_line(study_name: str, status: SweepStatus, space: SearchSpace) -> str:
+    """One line: how far the sweep got, how many cells / trials failed, and why."""
+    from pitsearch.search.grid import MAX_CELL_ATTEMPTS
+
+    def reason(trial: FrozenTrial) -> str:
+        text = " ".join(str(trial.user_attrs.get("fail_reason") or "no reason recorded").split())
+        return text if len(text) <= 200 else text[:197] + "..."
+
+    if status.unit == "cells":
+        shown = [f"{' '.join(space.to_overrides(space.decode(dict(t.params) or t.system_attrs.get('fixed_params', {}))))}"
+                 f" ({reason(t)})" for t in status.failed[:3]]
+    else:  # many trials fail alike (a sampled region that does not build): group them by reason
+        counts: dict[str, int] = {}
+        for trial in status.failed:
+            counts[reason(trial)] = counts.get(reason(trial), 0) + 1
+        shown = [f"{n} x ({text})" if n > 1 else f"({text})" for text, n in list(counts.items())[:3]]
+    more = len(status.failed) - 3 if status.unit == "cells" else len(counts) - 3
+    details = "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+    line = (f"sweep {study_name!r}: {status.done}/{status.total} {status.unit} finished, {len(status.failed)} "
+            f"failed: {details}")
+    if status.unit == "cells":
+        given_up = len(status.failed) - status.retryable
+        if status.retryable:
+            line += (f". Running the same command again retries {status.retryable} of them (at most "
+                     f"{MAX_CELL_ATTEMPTS} attempts per cell)")
+        if given_up:
+            line += (f". {given_up} failed {MAX_CELL_ATTEMPTS} times and are not retried: fix the cause and use a "
+                     "new sweep.study_name")
+    elif not status.complete:
+        line += ". Running the same command again continues the study"
+    return line

@@ -13,21 +13,24 @@ marked FAIL and queued again where the storage is reachable, and `WorkerAbort` c
 from __future__ import annotations
 
 import gc
-import itertools
 import json
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+# EXIT_SERVICE_UNAVAILABLE (3): a worker (and `python -m pitsearch`) that lost a server exits with it.
+from pitsearch.cli import EXIT_SERVICE_UNAVAILABLE
 from pitsearch.errors import ConfigError
-from pitsearch.masking import mask_secrets
+from pitsearch.masking import mask_secrets, mask_url
 from pitsearch.retry import ServiceUnavailable
 from pitsearch.search.compose import TrialComposer
 from pitsearch.search.storage import TrialHeartbeat
 from pitsearch.search.trials import RetryStaleTrialCallback, mark_worker, tell
 from pitsearch.train import StopRun
 
-EXIT_SERVICE_UNAVAILABLE = 3   # exit status of a worker (and `python -m pitsearch`) that lost a server
+# A sweep that ended with failed cells or trials left (nothing running): its last line says which and why. Not 1,
+# which pitsearch.cli keeps for bugs (a traceback), not 2 (bad input, nothing started), not 3 (a lost server).
+EXIT_TRIALS_FAILED = 4
 
 
 class WorkerAbort(RuntimeError):
@@ -58,35 +61,38 @@ def open_study(spec, worker_index: int = 0):
                            retry_timeout_s=spec.retry_timeout_s)
     return optuna.load_study(study_name=spec.study_name, storage=storage,
                              sampler=make_sampler(spec.sampler, spec.space, len(spec.objectives),
-                                                  worker_index=worker_index),
+                                                  worker_index=worker_index, study_name=spec.study_name),
                              pruner=make_pruner(spec.pruner, len(spec.objectives)))
 
 
 def budget_reached(study, spec) -> bool:
-    """True when nothing is left for this worker to start (finished trials meet `n_trials`, or the grid is
-    fully handed out); trials other workers are still running count as handed out."""
+    """True when the sweep is complete: every cell of a grid finished (or `n_trials` of them), else `n_trials`
+    trials (COMPLETE or PRUNED). Failed cells are not done (pitsearch.search.trials.sweep_status)."""
+    from pitsearch.search.trials import sweep_status
+
+    return sweep_status(study, spec).complete
+
+
+def next_trial(study, spec):
+    """The next trial for this worker, or None when nothing is left to start. A grid's cells are chosen by
+    pitsearch.search.grid (pending cells, retries); other samplers draw, after any queued retry (`ask` pops it)."""
     from optuna.trial import TrialState
 
+    if spec.sampler["name"] == "grid":
+        import zlib
+
+        from pitsearch.search.grid import next_grid_trial
+        from pitsearch.search.trials import worker_id
+
+        return next_grid_trial(study, spec.space, spec.sampler.get("seed"), spec.n_trials,
+                               spec.output_dir / "grid.lock", offset=zlib.crc32(worker_id().encode()))
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
-    waiting = sum(t.state == TrialState.WAITING for t in trials)
-    if finished >= spec.n_trials:
-        return True
-    if waiting:
-        return False
-    if finished + running >= spec.n_trials:
-        return True
-    if spec.sampler["name"] == "grid":
-        grid = spec.space.grid()
-        handed_out = {_grid_cell(t.params, grid) for t in trials if t.state != TrialState.WAITING}
-        return handed_out >= {_grid_cell(dict(zip(grid, combo)), grid) for combo in itertools.product(*grid.values())}
-    return False
-
-
-def _grid_cell(params: dict[str, Any], grid: dict[str, list]) -> tuple:
-    """A grid cell as a hashable key over Optuna's stored (encoded) parameter values."""
-    return tuple(json.dumps(params.get(name), sort_keys=True, default=str) for name in grid)
+    waiting = any(t.state == TrialState.WAITING for t in trials)
+    if finished >= spec.n_trials or (not waiting and finished + running >= spec.n_trials):
+        return None  # trials other workers run count as handed out
+    return _ask(study)
 
 
 def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=None) -> dict[str, int]:
@@ -94,12 +100,14 @@ def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=
     `tracker` (opening an MLflow store costs about a second). Raises `WorkerAbort` when a server is lost."""
     import optuna
 
+    from pitsearch.search.grid import seed_as_range
     from pitsearch.search.spec import parse_sweep
     from pitsearch.tracking import Tracker
 
     spec = parse_sweep(ctx.sweep_node, known_paths=ctx.known_paths, base_dir=ctx.base_dir)
     try:
         study = open_study(spec, ctx.worker_index)
+        seed_range = spec.sampler["name"] == "grid" and seed_as_range(study)   # how the seed axis is stored
         if tracker is None and ctx.tracking.get("enabled", True):
             tracker = Tracker.from_config(ctx.tracking, ctx.base_dir, retry_timeout_s=spec.retry_timeout_s)
     except ServiceUnavailable as error:
@@ -110,11 +118,11 @@ def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=
         trial, run = None, {}
         try:
             reap_dead_workers(study, tracker, emit)
-            if budget_reached(study, spec):
+            trial = next_trial(study, spec)
+            if trial is None:
                 break
-            trial = _ask(study)
             with TrialHeartbeat(study, trial._trial_id):
-                state = _run_trial(trial, study, spec, ctx, tracker, datasets, emit, run)
+                state = _run_trial(trial, study, spec, ctx, tracker, datasets, emit, run, seed_range)
         except ServiceUnavailable as error:
             raise WorkerAbort(_abandon(trial, run.get("id"), study, tracker, ctx, error)) from error
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -180,7 +188,8 @@ def _abandon(trial, run_id: str | None, study, tracker, ctx: WorkerContext, erro
     return f"worker {ctx.worker_index}: trial {trial.number} {' and '.join(done) or 'not recorded'}: {error}"
 
 
-def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit, run: dict) -> str:
+def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit, run: dict,
+               seed_range: bool = False) -> str:
     """One trial, told. `run["id"]` gets its MLflow run id as soon as it exists. A server lost for good
     (here, or inside training, where run_experiment would record it as an ordinary failure) raises
     `ServiceUnavailable`."""
@@ -190,7 +199,7 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit, 
 
     started = time.perf_counter()
     mark_worker(trial)  # lets a later run tell a dead worker's trial from a live one
-    values = spec.space.suggest(trial)
+    values = spec.space.suggest(trial, seed_range=seed_range)
     variant = spec.space.variant_key(values)
     trial.set_user_attr("variant", variant)
     tags = {"sweep": spec.study_name, "trial_number": trial.number, "variant": variant,
@@ -324,7 +333,7 @@ def worker_process_main(ctx: WorkerContext, queue) -> None:
     except KeyboardInterrupt:
         pass
     except ConfigError as error:
-        queue.put(f"error: {error}")
+        queue.put(f"error: {mask_url(str(error))}")
     except WorkerAbort as error:
-        queue.put(f"error: {error}")
+        queue.put(f"error: {mask_url(str(error))}")
         sys.exit(EXIT_SERVICE_UNAVAILABLE)
