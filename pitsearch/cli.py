@@ -5,6 +5,7 @@ status a script can act on:
 
     2    bad input: a config value, an override, a sweep file, a path that cannot be written
     3    a lost server (database or MLflow): the worker already recorded what it could
+    4    a sweep that ended with failed cells or trials left (its last line says which; rerun to retry them)
     130  Ctrl-C (128 + SIGINT, what a shell reports for an interrupted command)
     141  the reader of stdout went away (`--help | head`), silently
 

@@ -15,7 +15,6 @@ from optuna.trial import TrialState
 from pitsearch.errors import ConfigError
 from pitsearch.search.space import parse_space
 from pitsearch.search import (
-    StudyBudget,
     count_finished,
     done_grid_cells,
     fail_stale_running,
@@ -195,8 +194,6 @@ def test_grid_two_workers_same_seed_ask_distinct_cells(tmp_path, grid_space):
     trials = [workers[i % 2].ask() for i in range(8)]  # interleaved, none finished yet
     cells = {grid_space.cell_key(grid_space.suggest(t)) for t in trials}
     assert len(cells) == 8 == grid_space.grid_size
-    budget = StudyBudget(None, grid_space)
-    assert budget.remaining(workers[0]) == 0 and budget.remaining(workers[0], count_running_trials=False) == 8
     for i, t in enumerate(trials[:-1]):
         workers[i % 2].tell(t, float(i))
     with pytest.raises(RuntimeError, match="Study.stop"):  # GridSampler stops after the last cell's tell
@@ -225,12 +222,6 @@ def test_budget_counts_complete_and_pruned(tmp_path, range_space):
         study.tell(t, 0.5 if s == TrialState.COMPLETE else None, state=s)
     study.ask()  # running
     assert count_finished(study) == 3
-    budget = StudyBudget(5, range_space)
-    assert budget.remaining(study) == 1 and budget.remaining(study, count_running_trials=False) == 2
-    with pytest.raises(ConfigError, match="^sweep.n_trials: required when the space has range parameters"):
-        StudyBudget(None, range_space)
-    with pytest.raises(ConfigError, match="^sweep.n_trials: must be a positive integer"):
-        StudyBudget(0, range_space)
 
 
 # ---------------------------------------------------------------------------------------------- stale trials

@@ -5,7 +5,6 @@ from pitsearch.search.storage import journal_path, make_storage, mask_url
 from pitsearch.search.study import PRUNERS, SAMPLERS, load_or_create_study, make_pruner, make_sampler, parse_objectives
 from pitsearch.search.trials import (
     RetryStaleTrialCallback,
-    StudyBudget,
     count_finished,
     count_running,
     done_grid_cells,
@@ -17,7 +16,7 @@ from pitsearch.search.trials import (
 )
 
 __all__ = [
-    "PRUNERS", "RetryStaleTrialCallback", "SAMPLERS", "SEED_PATH", "SearchSpace", "StudyBudget", "count_finished", "count_running",
+    "PRUNERS", "RetryStaleTrialCallback", "SAMPLERS", "SEED_PATH", "SearchSpace", "count_finished", "count_running",
     "done_grid_cells", "fail_stale_running", "hydra_value", "journal_path", "load_or_create_study",
     "make_pruner", "make_sampler", "make_storage", "mark_worker", "mask_url", "parse_objectives",
     "parse_space", "requeue_failed", "tell", "worker_id",

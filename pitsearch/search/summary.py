@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pitsearch.search.grid import DUPLICATE
 from pitsearch.search.space import SEED_PATH
 from pitsearch.stats import Interval, mean_ci
 
@@ -24,8 +25,8 @@ def trial_records(study) -> list[dict[str, Any]]:
     """Plain rows: number, state, variant, seed, params, final metrics, cost, timings, reason."""
     rows = []
     for trial in study.get_trials(deepcopy=False):
-        if trial.state.name == "WAITING":
-            continue
+        if trial.state.name == "WAITING" or trial.user_attrs.get(DUPLICATE):
+            continue  # queued, or a racing machine's copy of a cell closed without running (search.grid)
         attrs = trial.user_attrs
         final = attrs.get("final") or {}
         params = dict(trial.params)

@@ -12,7 +12,6 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from pitsearch.errors import ConfigError
 from pitsearch.search.space import SearchSpace
 
 FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -63,35 +62,6 @@ def count_running(study: optuna.Study) -> int:
 def done_grid_cells(study: optuna.Study, space: SearchSpace) -> set[frozenset]:
     """Cells (`SearchSpace.cell_key`) that have a COMPLETE or PRUNED trial."""
     return {space.cell_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)}
-
-
-@dataclass(frozen=True)
-class StudyBudget:
-    """The budget across all invocations: `sweep.n_trials`, or (null) every cell of the grid once."""
-
-    n_trials: int | None
-    space: SearchSpace
-
-    def __post_init__(self) -> None:
-        if self.n_trials is None:
-            if self.space.grid_size is None:
-                raise ConfigError("sweep.n_trials", "required when the space has range parameters")
-        elif isinstance(self.n_trials, bool) or not isinstance(self.n_trials, int) or self.n_trials < 1:
-            raise ConfigError("sweep.n_trials", f"must be a positive integer or null, got {self.n_trials!r}")
-
-    @property
-    def total(self) -> int:
-        return self.n_trials if self.n_trials is not None else self.space.grid_size  # type: ignore[return-value]
-
-    def done(self, study: optuna.Study) -> int:
-        if self.n_trials is None:
-            return len(done_grid_cells(study, self.space))
-        return count_finished(study)
-
-    def remaining(self, study: optuna.Study, count_running_trials: bool = True) -> int:
-        """How many more trials to start; running ones are counted so that workers do not overshoot."""
-        running = count_running(study) if count_running_trials else 0
-        return max(0, self.total - self.done(study) - running)
 
 
 # ---------------------------------------------------------------------------------------------- stale trials
