@@ -87,8 +87,12 @@ def fill_model_from_data(model_cfg: Mapping[str, Any], dataset) -> dict[str, Any
     return filled
 
 
-def prepare(cfg: Any, dataset=None) -> Prepared:
-    """Validate, load data (unless given), build the model and count its cost, all before any training."""
+def prepare(cfg: Any, dataset=None,
+            adjust_model: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> Prepared:
+    """Validate, load data (unless given), build the model and count its cost, all before any training.
+
+    `adjust_model` gets the model config once the data filled in its size, channels and classes, and returns
+    the one to build: a sweep's compute matching (pitsearch.search.match) needs the real data's shape."""
     import torch
 
     from pitsearch.data import load_dataset
@@ -103,7 +107,8 @@ def prepare(cfg: Any, dataset=None) -> Prepared:
         torch.set_num_threads(int(cfg["train"]["threads"]))
     if dataset is None:
         dataset = load_dataset(cfg["data"], device=device)
-    cfg["model"] = resolve_model_config(fill_model_from_data(cfg["model"], dataset))
+    model_cfg = fill_model_from_data(cfg["model"], dataset)
+    cfg["model"] = resolve_model_config(adjust_model(model_cfg) if adjust_model is not None else model_cfg)
     torch.manual_seed(int(cfg["train"]["seed"]))  # model init depends on the seed only
     model = build_model(cfg["model"])
     stats = model_stats(model, cfg["model"]["img_size"])
@@ -124,11 +129,12 @@ def run_tags(cfg: Mapping[str, Any], dataset) -> dict[str, Any]:
 def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, parent_run_id: str | None = None,
                    run_name: str | None = None, tags: Mapping[str, Any] | None = None,
                    callbacks: Iterable[EpochCallback] = (), console=None,
-                   on_run_started: Callable[[str], None] | None = None) -> ExperimentResult:
+                   on_run_started: Callable[[str], None] | None = None,
+                   params: Mapping[str, Any] | None = None) -> ExperimentResult:
     """Train once and log everything. Returns; only KeyboardInterrupt propagates (after ending the run).
 
     `on_run_started(run_id)` lets a sweep record the MLflow run before training, so a run whose worker is
-    killed can still be found and closed later.
+    killed can still be found and closed later. `params`: logged beside the config's (a sweep's `matched.*`).
     """
     from pitsearch.train import TrainResult, train_model
 
@@ -152,7 +158,7 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
             result.run_id = run_id
             if on_run_started is not None:
                 on_run_started(run_id)
-            _log_start(tracker, run_id, cfg, prepared.stats)
+            _log_start(tracker, run_id, cfg, prepared.stats, params)
         train_model(prepared.model, prepared.dataset, cfg["train"], cfg["data"].get("aug"),
                     callbacks=[log_epoch, *callbacks], console=console, result=train)
         result.state = "COMPLETE"
@@ -176,13 +182,14 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
     return result
 
 
-def _log_start(tracker, run_id: str, cfg: Mapping[str, Any], stats: Mapping[str, Any]) -> None:
+def _log_start(tracker, run_id: str, cfg: Mapping[str, Any], stats: Mapping[str, Any],
+               extra: Mapping[str, Any] | None = None) -> None:
     import yaml
 
     from pitsearch.tracking import flatten
 
     params = {k: v for k, v in flatten(cfg).items() if not k.startswith(("hydra.", "sweep."))}
-    params.update({"model.params_count": stats["params"], "model.macs": stats["macs"]})
+    params.update({"model.params_count": stats["params"], "model.macs": stats["macs"], **(extra or {})})
     tracker.log_params(run_id, params)
     tracker.log_metrics(run_id, {"model/params": stats["params"], "model/macs": stats["macs"]}, step=0)
     tracker.log_text(run_id, yaml.safe_dump(cfg, sort_keys=False), "config.yaml")

@@ -82,13 +82,16 @@ def test_data_shapes_known_without_loading_match_the_loaded_data(compose):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in __import__("pitsearch.paths").paths.SWEEPS_DIR.glob("*.yaml")))
 def test_shipped_sweeps_pass_the_checks_before_the_study(compose, name):
-    from pitsearch.search.preflight import check_sweep
+    from pitsearch.search.compose import TrialComposer
+    from pitsearch.search.preflight import check_sweep, preflight_configs
     from pitsearch.search.runner import config_paths
     from pitsearch.search.spec import parse_sweep
 
     cfg = compose([f"+sweep={name}"])
     spec = parse_sweep(cfg["sweep"], known_paths=config_paths(cfg))
-    check_sweep(spec, [compose([f"+sweep={name}", *overrides]) for overrides in spec.space.example_overrides()])
+    # what the runner checks: the examples, and with sweep.match every variant solved (pooling_ablation_matched,
+    # pit_vs_vit)
+    check_sweep(spec, *preflight_configs(spec, TrialComposer(overrides=[f"+sweep={name}"])))
 
 
 def test_analysis_metric_names_are_what_run_analyses_reports(compose):

@@ -28,6 +28,10 @@ class Design:
     min_effect: float = 0.0
     min_seeds: int | None = None
     max_seeds: int | None = None
+    alpha: float = 0.05
+    # The decided metric: an adaptive sweep's rounds decide on its first objective (pitsearch.search.rounds),
+    # and the report must state those decisions, not ones on another metric.
+    metric: str = PRIMARY_METRIC
 
     @property
     def adaptive(self) -> bool:
@@ -53,8 +57,11 @@ def design_from(sweep_node: Mapping[str, Any] | None, objectives: Sequence[tuple
     seeds = (sweep_node or {}).get("seeds")
     if not isinstance(seeds, Mapping):
         return Design(direction=direction)
+    metric, direction = (tuple(objectives[0]) if objectives else (PRIMARY_METRIC, direction))
+    alpha = _number(seeds.get("alpha"), 0.05)
     return Design(direction=direction, min_effect=_number(seeds.get("min_effect"), 0.0),
-                  min_seeds=_integer(seeds.get("min")), max_seeds=_integer(seeds.get("max")))
+                  min_seeds=_integer(seeds.get("min")), max_seeds=_integer(seeds.get("max")),
+                  alpha=alpha if 0 < alpha < 1 else 0.05, metric=metric)
 
 
 def decide_all(comparisons: Sequence[Comparison], design: Design) -> list[Verdict]:
@@ -64,7 +71,7 @@ def decide_all(comparisons: Sequence[Comparison], design: Design) -> list[Verdic
 def decide_one(comparison: Comparison, design: Design) -> Verdict:
     from pitsearch.sequential import METHOD, decide
 
-    delta = comparison.deltas.get(PRIMARY_METRIC)
+    delta = comparison.deltas.get(design.metric)
     deltas = delta.deltas if delta is not None else []
     n = len(deltas)
     label, variant, baseline = comparison.label, comparison.variant, comparison.baseline
@@ -74,7 +81,8 @@ def decide_one(comparison: Comparison, design: Design) -> Verdict:
         # `decide` needs two deltas for an interval (min_seeds >= 2): say what there is instead of guessing.
         return Verdict(label, "no interval", (f"{variant} - {baseline} = {deltas[0]:+.3f} on 1 seed: no interval, "
                                               "no decision (it takes at least 2 seeds)"), 1, deltas[0])
-    common = dict(min_effect=design.min_effect, direction=design.direction, variant=variant, baseline=baseline)
+    common = dict(min_effect=design.min_effect, direction=design.direction, variant=variant, baseline=baseline,
+                  alpha=design.alpha)
     # The sweep's adaptive schedule when this comparison's n lies on it; else (a plain seed list, or more seeds
     # than its max) one look at n: an interval computed for a schedule n is not on would mean nothing.
     if design.adaptive and 2 <= design.min_seeds <= design.max_seeds and n <= design.max_seeds:
@@ -89,7 +97,8 @@ def decide_one(comparison: Comparison, design: Design) -> Verdict:
 def method_note(design: Design, n_comparisons: int) -> str:
     """What the decision lines mean, for the report's readers."""
     if design.adaptive:
-        how = (f"the sweep's sequential design (seeds min {design.min_seeds}, max {design.max_seeds}): a 95% "
+        how = (f"the sweep's sequential design (seeds min {design.min_seeds}, max {design.max_seeds}): a "
+               f"{100 * (1 - design.alpha):g}% "
                "repeated confidence interval that stays valid at every look (pitsearch.sequential)")
     else:
         how = ("one look at the seeds the study has: the 95% t interval of the paired deltas (the same as in the "
@@ -98,7 +107,7 @@ def method_note(design: Design, n_comparisons: int) -> str:
               else "; no `min_effect` is set, so no comparison is declared equivalent")
     family = (f" Each decision holds at 95% on its own; {n_comparisons} comparisons are not corrected as a family."
               if n_comparisons > 1 else "")
-    return (f"Delta = variant - baseline on `{PRIMARY_METRIC}` ({design.direction}), paired by seed. Decided by "
+    return (f"Delta = variant - baseline on `{design.metric}` ({design.direction}), paired by seed. Decided by "
             f"{how}{effect}. \"Better\" / \"worse\" means the interval excludes 0.{family}")
 
 

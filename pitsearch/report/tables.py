@@ -44,6 +44,7 @@ def build_variants(records: list[dict[str, Any]], spec, metrics: Sequence[str]) 
     for row in rows:
         values = spec.decode(row["records"][0]["params"])
         row["values"] = {k: to_plain(v) for k, v in values.items() if k != SEED_PATH}
+        row["matched"] = row["records"][0].get("matched")   # the same for every seed of a variant
     return rows
 
 
@@ -109,14 +110,16 @@ def _by_seed(records: list[dict[str, Any]], metric: str) -> dict[Any, Any]:
 
 def write_variants_csv(path: Path, variants: list[dict[str, Any]], metrics: Sequence[str]) -> None:
     names = _param_names(variants)
-    header = ["variant", *names, "n", "seeds", "n_pruned", "n_failed", "macs", "params"]
+    matched = any(row.get("matched") for row in variants)
+    header = ["variant", *names, "n", "seeds", "n_pruned", "n_failed", "macs", "params",
+              *(["matched"] if matched else [])]
     for metric in metrics:
         header += [f"{metric} mean", f"{metric} ci95", f"{metric} low", f"{metric} high"]
     rows = []
     for row in variants:
         line = [row["variant"], *(_cell(row["values"].get(n)) for n in names), row["n"],
                 " ".join(map(str, row["seeds"])), row["n_pruned"], row["n_failed"], _cell(row["macs"]),
-                _cell(row["n_params"])]
+                _cell(row["n_params"]), *([matched_text(row.get("matched"))] if matched else [])]
         for metric in metrics:
             iv = row["metrics"][metric]
             line += [_cell(iv.mean), _cell(iv.half_width), _cell(iv.low), _cell(iv.high)]
@@ -206,7 +209,23 @@ def variant_table_rows(variants: list[dict[str, Any]], metrics: Sequence[str],
     header = ["variant", "n", *(SHORT_NAMES.get(m, m) for m in metrics), "MACs", "params"]
     rows = [[row["variant"], str(row["n"]), *(mean_pm(row["metrics"][m], metric_digits(m, digits)) for m in metrics),
              fmt_int(row["macs"]), fmt_int(row["n_params"])] for row in variants]
+    if any(row.get("matched") for row in variants):   # sweep.match: one more column, only then
+        header.append("matched")
+        for cells, row in zip(rows, variants):
+            cells.append(matched_text(row.get("matched")))
     return header, rows
+
+
+def matched_text(matched: dict[str, Any] | None) -> str:
+    """A variant's `sweep.match` outcome in a cell: `reference`, or the re-sized knobs and the cost ratio to the
+    reference (`head_dims [7, 6, 7], 0.987x MACs`; `unchanged, 1.016x MACs` when already within tolerance)."""
+    if not matched:
+        return ""
+    if matched.get("reference"):
+        return "reference"
+    changes = ", ".join(f"{key.removeprefix('model.')} {value}" for key, value in matched["changes"].items())
+    unit = "MACs" if matched["on"] == "macs" else "params"
+    return f"{changes or 'unchanged'}, {matched['ratio']:.3f}x {unit}"
 
 
 def delta_table_rows(comparisons: list[Comparison], metrics: Sequence[str],
@@ -264,7 +283,7 @@ def rich_table(title: str, header: list[str], rows: list[list[str]]):
 
     table = Table(title=title, padding=(0, 1))
     for i, column in enumerate(header):
-        text_column = i == 0 or column in ("comparison", "metric", "per-seed delta")
+        text_column = i == 0 or column in ("comparison", "metric", "per-seed delta", "matched")
         table.add_column(column, justify="left" if text_column else "right", overflow="fold",
                          no_wrap=column in ("MACs", "params", "n", "pairs"))
     for row in rows:

@@ -149,7 +149,7 @@ def _document(rspec: ReportSpec, records, report: Report, figures: list[Path]) -
 
 def print_report(report: Report, rspec: ReportSpec, console, seconds: float | None = None) -> None:
     for verdict in report.decisions:   # first, as in report.md: the answer, then the tables behind it
-        console.print(f"decision ({PRIMARY_METRIC}): {verdict.text}", markup=False, highlight=False)
+        console.print(f"decision ({report.design.metric}): {verdict.text}", markup=False, highlight=False)
     if report.variants:
         console.print(rich_table(f"{rspec.study_name}: variants (mean ± 95% CI over seeds)",
                                  *variant_table_rows(report.variants, report.metrics, digits=3)))

@@ -31,7 +31,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
@@ -46,6 +46,9 @@ INTERRUPTED = "interrupted"   # the fail_reason of a Ctrl-C'd trial
 DUPLICATE = "duplicate"       # user attr of a racing copy closed without running
 QUEUE_TOKEN = "queue_token"   # user attr: lets a queuer find the trial it queued
 LOCK_WAIT_S = 30.0            # a lock file on a network file system that never answers: go on without it
+# The cells of the grid that exist so far, from the study's trials: an adaptive grid opens seeds in rounds
+# (pitsearch.search.rounds.opened_cells). None: every cell of the space exists from the start.
+Opened = Callable[[list[FrozenTrial]], set[frozenset]] | None
 
 
 @dataclass
@@ -99,11 +102,15 @@ def trial_cell(trial: FrozenTrial, space: SearchSpace) -> frozenset:
     return space.cell_key({**trial.system_attrs.get("fixed_params", {}), **trial.params})
 
 
-def grid_state(study: optuna.Study, space: SearchSpace, seed: int | None) -> GridState:
+def grid_state(study: optuna.Study, space: SearchSpace, seed: int | None, opened: Opened = None) -> GridState:
     cells, params = grid_cells(space, seed)
+    trials = study.get_trials(deepcopy=False)
+    if opened is not None:   # a subset of the same shuffled cells: every guarantee below holds for it unchanged
+        exist = opened(trials)
+        cells = [cell for cell in cells if cell in exist]
     state = GridState(cells=cells, params=params)
     by_cell: dict[frozenset, list[FrozenTrial]] = {}
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         if not trial.user_attrs.get(DUPLICATE):
             by_cell.setdefault(trial_cell(trial, space), []).append(trial)
     for cell, trials in by_cell.items():
@@ -139,41 +146,42 @@ def grid_complete(state: GridState, n_trials: int) -> bool:
 
 
 def next_grid_trial(study: optuna.Study, space: SearchSpace, seed: int | None, n_trials: int,
-                    lock_path: Path | None, offset: int = 0) -> optuna.Trial | None:
+                    lock_path: Path | None, offset: int = 0, opened: Opened = None) -> optuna.Trial | None:
     """The next trial for a worker to run: a queued trial (a retry, or a cell queued by another worker), else
     a pending cell (the `offset`-th, so that machines queueing at once mostly pick different cells); None when
     nothing is left to start in this run (failed cells wait for the next run)."""
     with _local_lock(lock_path):
-        state = grid_state(study, space, seed)
+        state = grid_state(study, space, seed, opened)
         trial = _pop(study, state)
         if trial is not None:
             return trial
         pending = state.pending
         if not pending or state.done + len(state.busy) >= n_trials:
             return None
-        state = _queue(study, space, seed, state.params[pending[offset % len(pending)]], {})
+        state = _queue(study, space, seed, state.params[pending[offset % len(pending)]], {}, opened)
         return _pop(study, state)   # this cell, or an older queued trial of another machine
 
 
-def requeue_failed(study: optuna.Study, space: SearchSpace, seed: int | None = None) -> list[FrozenTrial]:
+def requeue_failed(study: optuna.Study, space: SearchSpace, seed: int | None = None,
+                   opened: Opened = None) -> list[FrozenTrial]:
     """Queue one more attempt of every failed cell that has attempts left; returns the failures retried.
     Called once when a sweep (re)starts: a failure is retried by the next run, not by the one that saw it."""
-    state = grid_state(study, space, seed)
+    state = grid_state(study, space, seed, opened)
     retried = []
     for cell in state.failed:
         if state.retryable(cell):
             last = state.last_fail[cell]
-            _queue(study, space, seed, state.params[cell], {"retry_of": last.number})
+            _queue(study, space, seed, state.params[cell], {"retry_of": last.number}, opened)
             retried.append(last)
     return retried
 
 
 def _queue(study: optuna.Study, space: SearchSpace, seed: int | None, params: dict[str, Any],
-           user_attrs: dict[str, Any]) -> GridState:
+           user_attrs: dict[str, Any], opened: Opened = None) -> GridState:
     """Queue a cell; if a racing machine queued it first, close this copy (see the module docstring)."""
     token = uuid.uuid4().hex
     study.enqueue_trial(params, user_attrs={**user_attrs, QUEUE_TOKEN: token})
-    state = grid_state(study, space, seed)
+    state = grid_state(study, space, seed, opened)
     for copy in state.stale:
         if copy.user_attrs.get(QUEUE_TOKEN) == token:
             _close_duplicate(study, copy)

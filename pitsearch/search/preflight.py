@@ -27,10 +27,43 @@ from pitsearch.search.spec import STATIC_METRICS
 NATIVE_SHAPES = {"mnist5k": (28, 1, 10), "digits": (8, 1, 10), "cifar10": (32, 3, 10), "cifar100": (32, 3, 100)}
 
 
-def check_sweep(spec, configs: Sequence[Mapping[str, Any]]) -> None:
-    """Raise a ConfigError for an objective no trial reports, or a config error every example config hits."""
+def check_sweep(spec, configs: Sequence[Mapping[str, Any]], labels: Sequence[str] | None = None) -> None:
+    """Raise a ConfigError for an objective no trial reports, a config error every example config hits, or (with
+    `sweep.match`) a variant whose model cannot be matched to the reference's cost. `labels` name the configs'
+    variants in that last error."""
     check_objectives(spec.objectives, configs)
     check_trial_configs(configs)
+    if getattr(spec, "match", None) is not None:
+        from pitsearch.search.match import check_match
+
+        check_match(spec.match, configs, labels)
+
+
+# Each variant is one Hydra compose (tens of ms on a loaded 2-core CPU), so past this many the preflight solves the
+# examples only: a combination they miss that has no solution still fails, as its trials, with its reason.
+MAX_MATCHED_VARIANTS = 64
+
+
+def preflight_configs(spec, composer) -> tuple[list[dict[str, Any]], list[str]]:
+    """The configs `check_sweep` gets, with their variant labels: the space's examples, which together use every
+    choice; with `sweep.match`, every variant of a finite space instead, because a match depends on the whole
+    combination (a model that matches at one depth may not at another) and the grid runs every one."""
+    rows = spec.space.example_values()
+    if getattr(spec, "match", None) is not None and spec.space.is_categorical:
+        variants: dict[str, dict[str, Any]] = {}
+        for cell in spec.space.iter_cells():
+            key = spec.space.variant_key(cell)
+            if key not in variants:
+                variants[key] = cell
+            if len(variants) > MAX_MATCHED_VARIANTS:
+                break
+        if len(variants) <= MAX_MATCHED_VARIANTS:
+            # each variant once (its first seed): the seed changes no cost, and the examples' rows come first so
+            # every other check sees what it saw before
+            seen = {spec.space.variant_key(row) for row in rows}
+            rows = rows + [cell for key, cell in variants.items() if key not in seen]
+    return ([composer.compose(spec.space.to_overrides(row)) for row in rows],
+            [spec.space.variant_key(row) for row in rows])   # variant_key leaves the seed out
 
 
 def reported_metrics(cfg: Mapping[str, Any]) -> list[str]:

@@ -19,7 +19,8 @@ from typing import Any
 from pitsearch.experiment import to_container, validate_config
 from pitsearch.masking import mask_url
 from pitsearch.search.compose import TrialComposer
-from pitsearch.search.preflight import check_sweep
+from pitsearch.search.preflight import check_sweep, preflight_configs
+from pitsearch.search.rounds import RoundPrinter
 from pitsearch.search.space import SEED_PATH
 from pitsearch.search.spec import SweepSpec, parse_sweep
 from pitsearch.search.trials import failures_line, sweep_status
@@ -60,7 +61,7 @@ def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, A
     # Every trial override must compose: a typo in the space fails now, not in trial 7. The composed examples
     # then go through a trial's checks (pitsearch.search.preflight): an objective no trial reports, or an error
     # every trial would hit, is one line now instead of a study of failed trials that the fixed command resumes.
-    check_sweep(spec, [composer.compose(overrides) for overrides in spec.space.example_overrides()])
+    check_sweep(spec, *preflight_configs(spec, composer))   # with sweep.match: every variant solved
 
     spec.output_dir.mkdir(parents=True, exist_ok=True)
     tracking_cfg = dict(cfg.get("tracking") or {})
@@ -82,7 +83,7 @@ def _run_sweep(cfg: Any, composer: TrialComposer | None, console) -> dict[str, A
         console.print(failures_line(spec.study_name, status, spec.space), markup=False, highlight=False)
         raise SystemExit(EXIT_TRIALS_FAILED)
 
-    console.print(f"sweep {spec.study_name!r}: {spec.n_trials} trials, {len(worker_devices(spec, cfg['train'].get('device')))} "
+    console.print(f"sweep {spec.study_name!r}: {'at most ' if spec.adaptive else ''}{spec.n_trials} trials, {len(worker_devices(spec, cfg['train'].get('device')))} "
                   f"worker(s), storage "
                   f"{mask_url(str(spec.storage or spec.output_dir / 'optuna-journal.log'))}"
                   + (f", MLflow {mask_url(tracker.uri)}" if tracker else ""), markup=False, highlight=False)
@@ -121,8 +122,9 @@ def _retry_failed_cells(study, spec: SweepSpec, console) -> None:
     if spec.sampler["name"] != "grid":
         return
     from pitsearch.search.grid import requeue_failed
+    from pitsearch.search.rounds import opened_cells
 
-    for failure in requeue_failed(study, spec.space, spec.sampler.get("seed")):
+    for failure in requeue_failed(study, spec.space, spec.sampler.get("seed"), opened_cells(spec)):
         values = spec.space.decode(failure.params or failure.system_attrs.get("fixed_params", {}))
         console.print(f"cell {' '.join(spec.space.to_overrides(values))} failed in trial {failure.number} "
                       f"({failure.user_attrs.get('fail_reason') or 'no reason recorded'}): queued again",
@@ -321,6 +323,7 @@ class _Monitor:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._last_finished = -1
+        self.rounds = RoundPrinter(spec, lambda line: console.print(line, markup=False, highlight=False))
 
     def start(self) -> None:
         self.bar.start()
@@ -344,6 +347,7 @@ class _Monitor:
         from pitsearch.search.summary import best_text, log_parent_summary
 
         finished = _finished(self.study)
+        self.rounds(self.study)   # an adaptive grid's "round k: seed s added to ..." lines
         self.bar.update(self.task, completed=min(finished, self.spec.n_trials), best=best_text(self.study, self.spec))
         if finished != self._last_finished and self.tracker is not None:
             log_parent_summary(self.study, self.spec, self.tracker, self.parent_run_id)

@@ -19,10 +19,13 @@ SWEEP_KEYS = {
     "n_workers": "worker processes on this machine when training on the CPU",
     "gpus": "GPU indices to use (null = every visible GPU)",
     "trials_per_gpu": "workers sharing each GPU (packing small trials)",
-    "seeds": "list of seeds: an axis of the search space (train.seed)",
+    "seeds": "list of seeds (an axis of the search space, train.seed), or {min, max, min_effect, alpha, start}: "
+             "seeds added per variant until its comparison with the baseline is decided (grid sampler)",
     "space": "the search space: {config.path: {choices|low/high/step/log/type, when}}",
     "budget": "{max_macs, max_params}: configs over budget fail without training",
     "baseline": "{config.path: value} the variant that reports compare against",
+    "match": "{on: macs|params, reference: {model.KEY: value}, adjust: knob or list, tolerance}: every other "
+             "variant's model re-sized to the reference's cost before it trains (pitsearch.search.match)",
     "output_dir": "where the journal, logs and reports go; null = <cwd>/pitsearch-sweeps/<study_name>",
     "max_failures": "stop after this many failed trials in one invocation; null = max(10, n_trials)",
     "report": "write the report when the sweep ends (true/false)",
@@ -46,12 +49,14 @@ class SweepSpec:
     output_dir: Path
     budget: dict[str, Any] = field(default_factory=dict)
     baseline: dict[str, Any] = field(default_factory=dict)
+    match: Any = None               # pitsearch.search.match.SweepMatch, or None
     max_failures: int = 10
     report: bool = True
     gpus: list[int] | None = None
     trials_per_gpu: int = 1
     retry_timeout_s: float = 60.0
     heartbeat_interval_s: int = 60
+    adaptive: Any = None            # pitsearch.search.rounds.AdaptiveSeeds: `sweep.seeds` in its dict form
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -65,6 +70,7 @@ class SweepSpec:
 
 def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path | None = None) -> SweepSpec:
     """Validate the whole `sweep:` node; every error names its key (e.g. `sweep.sampler.name`)."""
+    from pitsearch.search.match import parse_match
     from pitsearch.search.space import parse_space
     from pitsearch.search.study import make_pruner, make_sampler, parse_objectives
 
@@ -84,6 +90,9 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
                                               "no slashes, spaces or control characters)")
     objectives = parse_objectives(node.get("objectives"))
     seeds = node.get("seeds")
+    adaptive = _adaptive_seeds(seeds) if isinstance(seeds, Mapping) else None
+    if adaptive is not None:
+        seeds = adaptive.seeds   # the seed axis holds every seed a round may open; the rounds say which run
     if seeds is not None and (not isinstance(seeds, (list, tuple)) or not seeds
                               or not all(isinstance(s, int) for s in seeds)):
         raise ConfigError("sweep.seeds", f"must be a non-empty list of integers, got {seeds!r}")
@@ -94,6 +103,9 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     make_pruner(pruner_cfg, len(objectives))
 
     n_trials = node.get("n_trials")
+    if adaptive is not None and (sampler_cfg["name"] != "grid" or n_trials is not None):
+        raise ConfigError("sweep.seeds", "the adaptive form {min, max, ...} needs `sampler: {name: grid}` and no "
+                                         "sweep.n_trials (the rounds decide which cells run)")
     if n_trials is None:
         if sampler_cfg["name"] not in ("grid", "bruteforce"):
             raise ConfigError("sweep.n_trials", f"is required with the {sampler_cfg['name']} sampler")
@@ -120,6 +132,9 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     for path in baseline:
         if path not in space.names:
             raise ConfigError(f"sweep.baseline.{path}", f"is not a swept parameter; swept: {', '.join(space.names)}")
+    if adaptive is not None:
+        _check_adaptive_baseline(space, baseline)
+    match = parse_match(node.get("match"), space.names, known_paths)
     max_failures = node.get("max_failures") or max(10, n_trials)
     if not isinstance(max_failures, int) or max_failures <= 0:
         raise ConfigError("sweep.max_failures", f"must be a positive integer, got {max_failures!r}")
@@ -136,9 +151,64 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     return SweepSpec(study_name=study_name, objectives=objectives, sampler=sampler_cfg, pruner=pruner_cfg,
                      n_trials=n_trials, storage=node.get("storage"), n_workers=n_workers, space=space,
                      output_dir=output_dir, budget=budget, baseline=baseline, max_failures=max_failures,
-                     report=bool(node.get("report", True)), raw=dict(node),
+                     report=bool(node.get("report", True)), match=match,
+                     raw={**node, **({"match": match.as_node()} if match is not None else {})},
                      gpus=list(gpus) if gpus is not None else None, trials_per_gpu=trials_per_gpu,
-                     retry_timeout_s=float(retry_timeout_s), heartbeat_interval_s=heartbeat_interval_s)
+                     retry_timeout_s=float(retry_timeout_s), heartbeat_interval_s=heartbeat_interval_s,
+                     adaptive=adaptive)
+
+
+ADAPTIVE_KEYS = ("min", "max", "min_effect", "alpha", "start")
+
+
+def _adaptive_seeds(node: Mapping[str, Any]):
+    """`sweep.seeds: {min, max, min_effect, alpha, start}` checked key by key (pitsearch.search.rounds)."""
+    import math
+
+    from pitsearch.search.rounds import AdaptiveSeeds
+
+    unknown = sorted(set(node) - set(ADAPTIVE_KEYS))
+    if unknown:
+        raise ConfigError(f"sweep.seeds.{unknown[0]}", f"unknown key; valid: {', '.join(ADAPTIVE_KEYS)}")
+    for key in ("min", "max"):
+        if key not in node:
+            raise ConfigError(f"sweep.seeds.{key}", "is required in the adaptive form {min, max, min_effect}")
+
+    def integer(key: str, default: int) -> int:
+        value = node.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"sweep.seeds.{key}", f"must be an integer, got {value!r}")
+        return value
+
+    def number(key: str, default: float) -> float:
+        value = node.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"sweep.seeds.{key}", f"must be a number, got {value!r}")
+        return float(value)
+
+    low, high, start = integer("min", 0), integer("max", 0), integer("start", 0)
+    min_effect, alpha = number("min_effect", 0.0), number("alpha", 0.05)
+    if low < 2:   # an interval needs 2 paired deltas (pitsearch.sequential)
+        raise ConfigError("sweep.seeds.min", f"must be >= 2 (an interval needs two seeds), got {low}")
+    if high < low:
+        raise ConfigError("sweep.seeds.max", f"must be >= sweep.seeds.min ({low}), got {high}")
+    if min_effect < 0:
+        raise ConfigError("sweep.seeds.min_effect", f"must be >= 0, got {min_effect:g}")
+    if not 0 < alpha < 1:
+        raise ConfigError("sweep.seeds.alpha", f"must be between 0 and 1 (exclusive), got {alpha:g}")
+    return AdaptiveSeeds(min=low, max=high, min_effect=min_effect, alpha=alpha, start=start)
+
+
+def _check_adaptive_baseline(space, baseline: dict[str, Any]) -> None:
+    """Rounds compare each variant with its baseline counterpart: without one, nothing could be decided."""
+    from pitsearch.search.rounds import variants_and_pairs
+
+    if not baseline:
+        raise ConfigError("sweep.baseline", "is required with adaptive seeds (the variant every other one is "
+                                            "compared with), e.g. {model.pool: none}")
+    if not variants_and_pairs(space, baseline)[1]:
+        raise ConfigError("sweep.baseline", f"{baseline!r} matches no variant of the space that other variants "
+                                            "could be compared with")
 
 
 def _named(node: Any, key: str) -> dict[str, Any]:

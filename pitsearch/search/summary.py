@@ -42,6 +42,7 @@ def trial_records(study) -> list[dict[str, Any]]:
             "reason": attrs.get("fail_reason") or attrs.get("prune_reason") or "",
             "mlflow_run_id": attrs.get("mlflow_run_id"),
             "spatial": attrs.get("spatial"),   # per-block attention profile when the trial ran eval.spatial
+            "matched": attrs.get("matched"),   # sweep.match: how its model was re-sized (pitsearch.search.match)
         })
     return rows
 

@@ -205,15 +205,20 @@ class SweepStatus:
 
 def sweep_status(study: optuna.Study, spec) -> SweepStatus:
     """"Complete" means finished: every cell of a grid (or `sweep.n_trials` of them), else `n_trials` trials.
+    An adaptive grid (pitsearch.search.rounds) counts the cells opened so far, and is complete once every
+    comparison is decided or at max seeds and all of its opened cells finished.
     A failed cell or trial is not done: it is retried (grid: by the next run, up to MAX_CELL_ATTEMPTS)."""
     from pitsearch.search.grid import INTERRUPTED, grid_complete, grid_state
+    from pitsearch.search.rounds import opened_cells, replay
 
     running = count_running(study)
     if spec.sampler["name"] == "grid":
-        state = grid_state(study, spec.space, spec.sampler.get("seed"))
+        state = grid_state(study, spec.space, spec.sampler.get("seed"), opened_cells(spec))
         failed = state.failed
         retryable = sum(state.retryable(cell) for cell in failed)
         complete = grid_complete(state, spec.n_trials)
+        if getattr(spec, "adaptive", None) is not None:   # and no round is left to open
+            complete = complete and replay(study.get_trials(deepcopy=False), spec).finished
         return SweepStatus(done=state.done, total=min(spec.n_trials, len(state.cells)), unit="cells",
                            failed=[state.last_fail[cell] for cell in failed], retryable=retryable, running=running,
                            startable=not complete and bool(state.pending or state.queued), complete=complete)

@@ -24,6 +24,8 @@ from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_secrets, mask_url
 from pitsearch.retry import ServiceUnavailable
 from pitsearch.search.compose import TrialComposer
+from pitsearch.search.match import TrialMatch
+from pitsearch.search.rounds import ROUND_POLL_S, round_may_open
 from pitsearch.search.storage import TrialHeartbeat
 from pitsearch.search.trials import RetryStaleTrialCallback, mark_worker, tell
 from pitsearch.train import StopRun
@@ -82,10 +84,12 @@ def next_trial(study, spec):
         import zlib
 
         from pitsearch.search.grid import next_grid_trial
+        from pitsearch.search.rounds import opened_cells
         from pitsearch.search.trials import worker_id
 
         return next_grid_trial(study, spec.space, spec.sampler.get("seed"), spec.n_trials,
-                               spec.output_dir / "grid.lock", offset=zlib.crc32(worker_id().encode()))
+                               spec.output_dir / "grid.lock", offset=zlib.crc32(worker_id().encode()),
+                               opened=opened_cells(spec))
     trials = study.get_trials(deepcopy=False)
     finished = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
     running = sum(t.state == TrialState.RUNNING for t in trials)
@@ -119,6 +123,9 @@ def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=
         try:
             reap_dead_workers(study, tracker, emit)
             trial = next_trial(study, spec)
+            if trial is None and round_may_open(study, spec):
+                time.sleep(ROUND_POLL_S)   # the round's last cells run elsewhere; their outcome may open cells
+                continue
             if trial is None:
                 break
             with TrialHeartbeat(study, trial._trial_id):
@@ -209,12 +216,17 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit, 
         cfg = ctx.composer.compose(spec.space.to_overrides(values) + ctx.extra_overrides)
         trial.set_user_attr("seed", cfg["train"]["seed"])
         data_key = json.dumps([cfg["data"], cfg["train"].get("device")], sort_keys=True, default=str)
-        prepared = prepare(cfg, dataset=datasets.get(data_key))
+        # sweep.match: the model re-sized to the reference's cost once the data gave its shape
+        matcher = TrialMatch(spec.match, variant) if spec.match is not None else None
+        prepared = prepare(cfg, dataset=datasets.get(data_key), adjust_model=matcher)
         datasets[data_key] = prepared.dataset
         stats = prepared.stats
         trial.set_user_attr("config", mask_secrets(prepared.cfg))
         trial.set_user_attr("macs", stats["macs"])
         trial.set_user_attr("params", stats["params"])
+        if matcher is not None:
+            trial.set_user_attr("matched", matcher.user_attr())
+            tags.update(matcher.tags())
         _check_budget(stats, spec.budget)
     except ConfigError as error:
         return _fail_untrained(trial, study, spec, tracker, ctx, run_name, tags, str(error), started, emit)
@@ -244,7 +256,7 @@ def _run_trial(trial, study, spec, ctx: WorkerContext, tracker, datasets, emit, 
     try:
         result = run_experiment(prepared.cfg, prepared=prepared, tracker=tracker, parent_run_id=ctx.parent_run_id,
                                 run_name=run_name, tags=tags, callbacks=[report_and_prune],
-                                on_run_started=run_started)
+                                on_run_started=run_started, params=matcher.params() if matcher else None)
     except KeyboardInterrupt:
         trial.set_user_attr("fail_reason", "interrupted")
         frozen = tell(study, trial, state=TrialState.FAIL)
