@@ -112,6 +112,12 @@ def _hydra_problem(error: Exception, hydra_errors) -> str:
         hint = next((line for line in lines[1:] if line.startswith("To append")), "")
         return f"{field}: no such key in the config" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
     detail = f" ({_first_line(cause)})" if cause is not None and str(cause).strip() else ""
+    merging = re.match(r"Error merging override (?P<key>[^=\s]+)=(?P<value>.*)", lines[0]) if lines else None
+    if merging and "Cannot merge DictConfig with ListConfig" in detail:
+        # e.g. the list `sweep.seeds: [0, 1, 2]` of a sweep file given the adaptive mapping form
+        key, value = merging["key"], merging["value"]
+        return (f"{key}: a mapping cannot replace a list with `=`; delete the list first: "
+                f"\"~{key}\" \"+{key}={value}\"")
     return f"{field}: {' '.join(lines) or type(error).__name__}{detail}"
 
 

@@ -89,6 +89,9 @@ CASES = {
     "report --out is a file": _out_is_a_file("pitsearch.report"),
     "export --out is a file": _out_is_a_file("pitsearch.export"),
     "export over a user's file": _users_own_rank1,
+    "adaptive seeds over a list": _plain("+sweep=pooling_ablation", "sweep.seeds={min: 3, max: 6}",
+                                         prefix='sweep.seeds: a mapping cannot replace a list with `=`; delete the '
+                                                'list first: "~sweep.seeds" "+sweep.seeds={min: 3, max: 6}"'),
 }
 
 
