@@ -23,7 +23,7 @@ from pitsearch.search.preflight import check_sweep, preflight_configs
 from pitsearch.search.rounds import RoundPrinter
 from pitsearch.search.space import SEED_PATH
 from pitsearch.search.spec import SweepSpec, parse_sweep
-from pitsearch.search.trials import failures_line, sweep_status
+from pitsearch.search.trials import count_finished, count_running, failures_line, sweep_status
 from pitsearch.search.worker import (EXIT_SERVICE_UNAVAILABLE, EXIT_TRIALS_FAILED, WorkerAbort, WorkerContext,
                                      budget_reached, reap_dead_workers, run_worker, worker_process_main)
 from pitsearch.tracking import flatten
@@ -296,18 +296,6 @@ def _run_processes(contexts: list[WorkerContext], console) -> bool:
     return any(p.exitcode == EXIT_SERVICE_UNAVAILABLE for p in processes)
 
 
-def _finished(study) -> int:
-    from optuna.trial import TrialState
-
-    return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in study.get_trials(deepcopy=False))
-
-
-def _running(study) -> int:
-    from optuna.trial import TrialState
-
-    return sum(t.state == TrialState.RUNNING for t in study.get_trials(deepcopy=False))
-
-
 class _Monitor:
     """Polls the study: a progress bar (done / budget, best so far) and the parent run's live summary."""
 
@@ -346,7 +334,7 @@ class _Monitor:
     def refresh(self) -> None:
         from pitsearch.search.summary import best_text, log_parent_summary
 
-        finished = _finished(self.study)
+        finished = count_finished(self.study)
         self.rounds(self.study)   # an adaptive grid's "round k: seed s added to ..." lines
         self.bar.update(self.task, completed=min(finished, self.spec.n_trials), best=best_text(self.study, self.spec))
         if finished != self._last_finished and self.tracker is not None:
@@ -366,7 +354,7 @@ def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted
 
     if tracker is not None:
         log_parent_summary(study, spec, tracker, parent_run_id)
-    complete = budget_reached(study, spec) and not _running(study)
+    complete = budget_reached(study, spec) and not count_running(study)
     # A rerun of a complete sweep writes the report when the last one is missing, was cut short by a kill, never
     # reached the parent run, or predates trials (pitsearch.report.publish records each finished report).
     if complete and spec.report and (trained or not _report_is_current(study, spec, parent_run_id)):
@@ -381,7 +369,7 @@ def _finish(study, spec: SweepSpec, tracker, parent_run_id, console, interrupted
         # still at it: then it stays RUNNING, and the last machine to finish closes it.
         if complete and not interrupted:
             tracker.end_run(parent_run_id, status="FINISHED")
-        elif not _running(study):
+        elif not count_running(study):
             tracker.end_run(parent_run_id, status="KILLED")
         swept = [name for name in spec.space.names if name != SEED_PATH]
         group_by = "the tag " + " / ".join(swept) if swept else "the tag variant"
