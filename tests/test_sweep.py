@@ -169,13 +169,15 @@ def test_two_local_workers_share_a_grid_and_complete_each_cell_once(tmp_path):
 
 
 def test_median_pruner_stops_a_clearly_bad_configuration(tmp_path):
-    # One good lr and two bad ones over 2 seeds: a good trial is compared with at most one other good one, so
-    # once the pruner has 2 trials to compare with, their median is at most halfway between good and bad,
-    # whatever order the grid hands cells out in (with 3 good cells, two good trials first made the third
-    # one's median a good value, and pruning it depended on seed noise).
-    config_dir = tiny_sweep(tmp_path, "pruned", epochs=4, seeds="[0, 1]",
-                            space="    train.lr: {choices: [0.003, 1.0e-9, 2.0e-9]}",
-                            pruner="{name: median, n_startup_trials: 2, n_warmup_steps: 1}")
+    # A grid hands cells out in a pid-dependent order (so machines start on different cells), and whether the
+    # median pruner has a good run to compare with depended on it. A seeded random sampler's draws are fixed by
+    # (study name, seed, trial number): seed 4 draws bad, good, bad, bad, bad, good. One training seed makes all
+    # good runs identical (never below their median) and a bad run after the first good one is pruned.
+    config_dir = tmp_path / "cfg"
+    text = TINY_SWEEP.format(name="pruned", epochs=4, workers=1, seeds="[0]", extra="  n_trials: 6\n",
+                             space="    train.lr: {choices: [0.003, 1.0e-9]}",
+                             pruner="{name: median, n_startup_trials: 2, n_warmup_steps: 1}")
+    write_sweep(config_dir, "pruned", text.replace("sampler: {name: grid}", "sampler: {name: random, seed: 4}"))
     run_cli(["--config-dir", config_dir, "+sweep=pruned", "sweep.report=false"], cwd=tmp_path, check=True)
     study = load_study(tmp_path, "pruned")
     bad = [t for t in study.trials if t.params["train.lr"] < 1.0e-8]
