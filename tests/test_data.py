@@ -12,7 +12,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from pitsearch.data import (DATA_SOURCES, BatchAugment, Dataset, batch_indices, load_dataset,
+from pitsearch.augment import BatchAugment
+from pitsearch.data import (DATA_SOURCES, Dataset, batch_indices, load_dataset,
                             validate_data_config)
 from pitsearch.errors import ConfigError
 from pitsearch.paths import CONF_DIR
@@ -103,7 +104,7 @@ def test_imagefolder_decodes_once_then_reads_the_cache(tmp_path, monkeypatch):
     data = load_dataset(cfg)
     assert data.train_x.shape == (12, 3, 16, 16) and data.val_x.shape == (6, 3, 16, 16)
     assert data.class_names == ("ant", "bee", "cat") and data.train_y.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    caches = list((root / ".pitsearch_cache").glob("imagefolder-16px-3ch-*.pt"))
+    caches = list((root / ".pitsearch_cache").glob("imagefolder-16px-3ch-*.npy"))
     assert len(caches) == 1
 
     import PIL.Image
@@ -118,7 +119,7 @@ def test_imagefolder_decodes_once_then_reads_the_cache(tmp_path, monkeypatch):
 
     os.utime(root / "train" / "ant" / "0.png", ns=(1, 1))  # a touched file invalidates the cache
     load_dataset(cfg)
-    assert len(list((root / ".pitsearch_cache").glob("*.pt"))) == 2
+    assert len(list((root / ".pitsearch_cache").glob("*.npy"))) == 2
 
 
 def test_imagefolder_grayscale_test_split_and_cache_dir(tmp_path):
@@ -126,7 +127,7 @@ def test_imagefolder_grayscale_test_split_and_cache_dir(tmp_path):
     data = load_dataset(conf("imagefolder", root=str(root), img_size=8, in_chans=1,
                              cache_dir=str(tmp_path / "cache")))
     assert data.train_x.shape == (6, 1, 8, 8) and data.val_x.shape == (4, 1, 8, 8) and len(data.mean) == 1
-    assert len(list((tmp_path / "cache").glob("imagefolder-8px-1ch-*.pt"))) == 1
+    assert len(list((tmp_path / "cache").glob("imagefolder-8px-1ch-*.npy"))) == 1
 
 
 def write_fake_cifar(root: Path, name: str, n: int = 4) -> None:
@@ -162,7 +163,7 @@ def test_cifar_reads_torchvisions_format(tmp_path, skip_cifar_md5, name, train_b
     data = load_dataset(conf(name, root=str(tmp_path)))
     assert data.train_x.shape == (4 * train_batches, 3, 32, 32) and data.val_x.shape == (4, 3, 32, 32)
     assert data.train_x.dtype == torch.uint8 and data.num_classes == classes and len(data.mean) == 3
-    folder = next(tmp_path.iterdir())
+    folder = tmp_path / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
     first = pickle.loads((folder / ("test_batch" if name == "cifar10" else "test")).read_bytes())["data"][0]
     assert torch.equal(data.val_x[0], torch.from_numpy(first).view(3, 32, 32))  # channels first, planes intact
 

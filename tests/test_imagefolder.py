@@ -118,12 +118,11 @@ def test_cache_from_an_older_decoder_is_not_reused(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(imagefolder, "DECODER_VERSION", 1)
         load_dataset(cfg)
-    [stale] = (root / ".pitsearch_cache").glob("*.pt")
-    blob = torch.load(stale, weights_only=True)
-    torch.save({**blob, "train_x": torch.full_like(blob["train_x"], 255)}, stale)  # what decoder 1 wrote
+    [stale] = (root / ".pitsearch_cache").glob("*.npy")
+    np.lib.format.open_memmap(stale, mode="r+")[:] = 255  # what decoder 1 wrote
     data = load_dataset(cfg)
     assert (data.train_x[0, 0].double() - scaled(GRADIENT)).abs().max() <= 1
-    assert len(list((root / ".pitsearch_cache").glob("*.pt"))) == 2
+    assert len(list((root / ".pitsearch_cache").glob("*.npy"))) == 2
 
 
 def write_gray8(path: Path, index: int) -> None:
