@@ -19,6 +19,7 @@ Augmentation lives in pitsearch.augment (which does not import this module).
 from __future__ import annotations
 
 import dataclasses
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -289,9 +290,6 @@ def _from_cache(decoded: datacache.Decoded) -> _Raw:
                 class_names=decoded.classes, stats=(decoded.mean, decoded.std))
 
 
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
-
-
 def _imagefolder_val_dir(root: Path) -> Path:
     for name in ("val", "test"):
         if (root / name).is_dir():
@@ -311,8 +309,7 @@ def _scan_split(split_dir: Path, classes: list[str] | None) -> tuple[list[str], 
         raise ConfigError(str(split_dir), f"class folders not in train/: {', '.join(unknown)}")
     files = []
     for class_dir in class_dirs:
-        images = sorted(p for p in class_dir.rglob("*")
-                        if p.suffix.lower() in _IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+        images = imagefolder.image_files(class_dir)
         if not images:
             raise ConfigError(str(class_dir), "empty class folder (no .png/.jpg/... image files)")
         label = classes.index(class_dir.name)
@@ -356,10 +353,10 @@ def _load_imagefolder(cfg) -> _Raw:
     touched image decodes again."""
     root, classes, train_files, val_files = _scan_imagefolder(cfg)
     img_size, in_chans = cfg.get("img_size"), _in_chans(cfg)
-    listing = []
+    listing, prefix = [], len(str(root)) + 1  # the paths are root/...: their relative part, without relative_to
     for path, label in train_files + val_files:
-        stat = path.stat()
-        listing.append((str(path.relative_to(root)), stat.st_size, stat.st_mtime_ns, label))
+        stat = os.stat(path)
+        listing.append((str(path)[prefix:], stat.st_size, stat.st_mtime_ns, label))
     key = [imagefolder.DECODER_VERSION, img_size, in_chans, classes, listing]
 
     def decode() -> datacache.Decoded:

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, NamedTuple
 import numpy as np
 import torch
 
-__all__ = ["Decoded", "load_or_build", "locked", "entry_name"]
+__all__ = ["Decoded", "load_or_build", "locked"]
 
 log = logging.getLogger("pitsearch.datacache")
 
@@ -48,11 +48,6 @@ class Decoded(NamedTuple):
     std: tuple[float, ...]
 
 
-def entry_name(prefix: str, key: Any) -> str:
-    """PREFIX-DIGEST: the first 16 hex digits of the key's sha1 (the .json holds all 40, checked on every read)."""
-    return f"{prefix}-{_key_sha1(key)[:16]}"
-
-
 def load_or_build(cache_dir: Path, prefix: str, key: Any, build: Callable[[], Decoded],
                   about: dict | None = None) -> Decoded:
     """The cached entry for `key`, mapped; else `build()` once per machine (under the entry's lock), stored, mapped.
@@ -61,9 +56,10 @@ def load_or_build(cache_dir: Path, prefix: str, key: Any, build: Callable[[], De
     its sha1 is stored. Errors from `build` (a ConfigError naming a bad file) propagate and nothing is stored. A
     folder that cannot be written only warns: the data set is built in this process and used uncached.
     """
-    name = entry_name(prefix, key)
+    digest = _key_sha1(key)  # once: a key holding a 60,000-file listing takes tens of ms to hash
+    name = f"{prefix}-{digest[:16]}"  # the .json holds all 40 digits, compared on every read
     npy, sidecar = cache_dir / f"{name}.npy", cache_dir / f"{name}.json"
-    found = _read(npy, sidecar, key)
+    found = _read(npy, sidecar, digest)
     if found is not None:
         return found
     with contextlib.ExitStack() as stack:
@@ -74,18 +70,18 @@ def load_or_build(cache_dir: Path, prefix: str, key: Any, build: Callable[[], De
         except OSError as err:
             warnings.warn(f"{cache_dir}: cannot write the decode cache ({err}); set data.cache_dir", stacklevel=2)
             return build()
-        found = _read(npy, sidecar, key)  # built by the process that held the lock while this one waited
+        found = _read(npy, sidecar, digest)  # built by the process that held the lock while this one waited
         if found is not None:
             return found
         for stray in cache_dir.glob(f"{name}.*.tmp-*"):  # only a lock holder writes these: their writer died
             stray.unlink(missing_ok=True)
         decoded = build()
         try:
-            _write(npy, sidecar, key, decoded, about or {})
+            _write(npy, sidecar, digest, decoded, about or {})
         except OSError as err:
             warnings.warn(f"{cache_dir}: cannot write the decode cache ({err}); set data.cache_dir", stacklevel=2)
             return decoded
-        return _read(npy, sidecar, key) or decoded
+        return _read(npy, sidecar, digest) or decoded
 
 
 @contextlib.contextmanager
@@ -111,7 +107,7 @@ def _key_sha1(key: Any) -> str:
     return hashlib.sha1(json.dumps([FORMAT_VERSION, key], sort_keys=True).encode()).hexdigest()
 
 
-def _write(npy: Path, sidecar: Path, key: Any, decoded: Decoded, about: dict) -> None:
+def _write(npy: Path, sidecar: Path, digest: str, decoded: Decoded, about: dict) -> None:
     n_train, n_val = len(decoded.train_x), len(decoded.val_x)
     shape = (n_train + n_val, *decoded.train_x.shape[1:])
     pid = os.getpid()
@@ -125,7 +121,7 @@ def _write(npy: Path, sidecar: Path, key: Any, decoded: Decoded, about: dict) ->
         del images
         _fsync(partial)
         os.replace(partial, npy)
-        meta = {**about, "key_sha1": _key_sha1(key), "shape": list(shape), "n_train": n_train, "classes": list(decoded.classes),
+        meta = {**about, "key_sha1": digest, "shape": list(shape), "n_train": n_train, "classes": list(decoded.classes),
                 "train_y": decoded.train_y.tolist(), "val_y": decoded.val_y.tolist(),
                 "mean": list(decoded.mean), "std": list(decoded.std)}
         partial = sidecar.with_name(f"{sidecar.name}.tmp-{pid}")
@@ -145,7 +141,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _read(npy: Path, sidecar: Path, key: Any) -> Decoded | None:
+def _read(npy: Path, sidecar: Path, digest: str) -> Decoded | None:
     """The entry mapped copy-on-write (pages shared until written, writes private, the file never changes);
     None when absent, and None with a warning when unreadable, torn or not what its name says (rebuilt then)."""
     try:
@@ -156,7 +152,7 @@ def _read(npy: Path, sidecar: Path, key: Any) -> Decoded | None:
         warnings.warn(f"{sidecar}: unreadable cache ({err}); decoding the images again", stacklevel=2)
         return None
     try:
-        if meta["key_sha1"] != _key_sha1(key):
+        if meta["key_sha1"] != digest:
             raise ValueError("written for another key")
         images = np.load(npy, mmap_mode="c")  # a file shorter than its header says is refused here
         n_train, shape = meta["n_train"], tuple(meta["shape"])

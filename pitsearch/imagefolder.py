@@ -1,4 +1,4 @@
-"""Decoding image files to uint8 pixels for the `imagefolder` data set (pitsearch.data scans the tree and caches).
+"""Finding and decoding image files for the `imagefolder` data set (pitsearch.data checks the tree and caches).
 
 PIL's `convert("L")` / `convert("RGB")` clips modes wider than 8 bits instead of scaling them: a 16-bit PNG
 (mode "I;16") came out as 0 or 255, a 0..1 float image as 0 or 1. Those modes are scaled to 8 bits here before
@@ -19,6 +19,8 @@ from pitsearch.errors import ConfigError
 # Part of the decode cache's key (pitsearch.data): bump it whenever decoding changes, so that no cache written
 # by an older decoder is reused. 1: straight convert() (16-bit / float clipped); 2: wide modes scaled.
 DECODER_VERSION = 2
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
 
 # 16 bits per pixel, any byte order. 16-bit RGB(A) and gray+alpha PNGs need nothing here: PIL opens them as
 # 8-bit "RGB"/"RGBA" already, keeping each value's high byte (v >> 8).
@@ -52,6 +54,23 @@ def _to_8bit(image, path: Path):
                               "outside 0..1: no known range to scale to 8 bits; save it as 8- or 16-bit")
         return Image.fromarray(np.rint(values * 255).astype(np.uint8), "L")
     return image
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files under `folder` at any depth, not hidden, sorted as Paths sort (part by part), without following
+    links to folders: what sorted(folder.rglob("*")) filtered gives, in half the time (os.scandir's entry types
+    instead of a stat per file, no Path until the end; a 60,000-image tree is scanned on every load)."""
+    found, pending = [], [str(folder)]
+    while pending:
+        with os.scandir(pending.pop()) as entries:
+            for entry in entries:
+                if entry.is_dir() and not entry.is_symlink():
+                    pending.append(entry.path)
+                elif (not entry.name.startswith(".") and os.path.splitext(entry.name)[1].lower() in IMAGE_SUFFIXES
+                      and entry.is_file()):
+                    found.append(entry.path)
+    # Part by part: with the separator as "\0", below every character of a name, plain string order is that order
+    return [Path(path) for path in sorted(found, key=lambda path: path.replace(os.sep, "\0"))]
 
 
 def decode(path: Path, img_size: int, in_chans: int) -> np.ndarray:

@@ -125,6 +125,24 @@ def test_cache_from_an_older_decoder_is_not_reused(tmp_path, monkeypatch):
     assert len(list((root / ".pitsearch_cache").glob("*.npy"))) == 2
 
 
+def test_image_files_are_what_sorted_rglob_gives(tmp_path):
+    from pitsearch.imagefolder import IMAGE_SUFFIXES, image_files
+
+    for name in ("a.png", "B.PNG", "a b.jpg", "sub/x.png", "sub-x.png", "sub/deep/y.JPG", "sub0/w.webp", "t.tar.png",
+                 ".hidden.png", ".hid/z.png", "x.", "notes.txt", "folder.png/in.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).touch()
+    (tmp_path / "link_dir").symlink_to(tmp_path / "sub")  # not followed, as rglob does not
+    (tmp_path / "link.png").symlink_to(tmp_path / "a.png")
+    (tmp_path / "broken.png").symlink_to(tmp_path / "missing.png")
+    expected = sorted(p for p in tmp_path.rglob("*")
+                      if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+    assert image_files(tmp_path) == expected
+    names = [str(p.relative_to(tmp_path)) for p in expected]
+    assert names[names.index("sub/deep/y.JPG"):] == ["sub/deep/y.JPG", "sub/x.png", "sub-x.png", "sub0/w.webp",
+                                                      "t.tar.png"]  # part by part, not character by character
+
+
 def write_gray8(path: Path, index: int) -> None:
     from PIL import Image
 
