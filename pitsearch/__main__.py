@@ -35,10 +35,11 @@ def _run_job(cfg) -> int:
 
         check_tracking_uri(tracking.get("uri"))   # light: one line before torch is even imported
     if cfg.get("sweep") is not None:
+        from pitsearch.report.sweep import StudyReporter
         from pitsearch.search.runner import run_sweep
 
         # A Ctrl-C'd sweep cleans up and prints its own "interrupted" line, then returns.
-        return EXIT_INTERRUPTED if run_sweep(cfg).get("interrupted") else 0
+        return EXIT_INTERRUPTED if run_sweep(cfg, reporter=StudyReporter()).get("interrupted") else 0
     from pitsearch.experiment import run_single
 
     run_single(cfg)

@@ -8,14 +8,11 @@ take one seed from the generator per batch, seed numpy with it, and restore nump
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-
-if TYPE_CHECKING:
-    from pitsearch.data import Dataset
 
 
 class BatchAugment:
@@ -26,7 +23,7 @@ class BatchAugment:
     carry `label_smoothing`; otherwise it returns the int64 class ids untouched and the loss applies smoothing.
     """
 
-    def __init__(self, cfg_aug: Mapping[str, Any] | None, dataset: Dataset, num_classes: int,
+    def __init__(self, cfg_aug: Mapping[str, Any] | None, dataset: Any, num_classes: int,   # dataset: .mean, .std
                  label_smoothing: float = 0.0):
         aug = cfg_aug if cfg_aug is not None else {}
         self.crop_padding = int(aug.get("crop_padding", 0) or 0)

@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 EXIT_BAD_INPUT = 2
 EXIT_SERVICE_UNAVAILABLE = 3
+# A sweep that ended with failed cells or trials left (nothing running): its last line says which and why.
+EXIT_TRIALS_FAILED = 4
 EXIT_INTERRUPTED = 130
 
 

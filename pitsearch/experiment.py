@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 
 from pitsearch.errors import ConfigError
-from pitsearch.train import EpochCallback, StopRun
+from pitsearch.retry import ServiceUnavailable
+from pitsearch.runstate import RunState, StopRun
+from pitsearch.train import EpochCallback
 
 
 @dataclass
@@ -27,7 +29,7 @@ class Prepared:
 
 @dataclass
 class ExperimentResult:
-    state: str                   # COMPLETE | PRUNED | FAILED
+    state: RunState
     history: dict[str, list[float]] = field(default_factory=dict)
     stats: dict[str, Any] = field(default_factory=dict)
     cfg: dict[str, Any] = field(default_factory=dict)
@@ -131,7 +133,8 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
                    callbacks: Iterable[EpochCallback] = (), console=None,
                    on_run_started: Callable[[str], None] | None = None,
                    params: Mapping[str, Any] | None = None) -> ExperimentResult:
-    """Train once and log everything. Returns; only KeyboardInterrupt propagates (after ending the run).
+    """Train once and log everything. Returns; only KeyboardInterrupt (after ending the run) and a lost server
+    (`ServiceUnavailable`: not this run's failure, the caller decides what becomes of it) propagate.
 
     `on_run_started(run_id)` lets a sweep record the MLflow run before training, so a run whose worker is
     killed can still be found and closed later. `params`: logged beside the config's (a sweep's `matched.*`).
@@ -141,7 +144,7 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
     started = time.perf_counter()
     prepared = prepared or prepare(cfg)
     cfg = prepared.cfg
-    result = ExperimentResult(state="RUNNING", stats=prepared.stats, cfg=cfg)
+    result = ExperimentResult(state=RunState.FAILED, reason="not started", stats=prepared.stats, cfg=cfg)
     run_id = None
 
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
@@ -161,7 +164,7 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
             _log_start(tracker, run_id, cfg, prepared.stats, params)
         train_model(prepared.model, prepared.dataset, cfg["train"], cfg["data"].get("aug"),
                     callbacks=[log_epoch, *callbacks], console=console, result=train)
-        result.state = "COMPLETE"
+        result.state, result.reason = RunState.COMPLETE, None
         # Only trained-to-the-end models are analysed; an analysis error fails the run with its reason.
         from pitsearch.analysis import run_analyses
 
@@ -169,12 +172,14 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
                                        run_id=run_id)
     except StopRun as stop:
         result.state, result.reason = stop.state, stop.reason
+    except ServiceUnavailable:
+        raise   # a sweep gives the trial back (pitsearch.search.trial); a single run exits 3 (pitsearch.cli)
     except KeyboardInterrupt:
-        result.state, result.reason = "FAILED", "interrupted (Ctrl-C)"
+        result.state, result.reason = RunState.FAILED, "interrupted (Ctrl-C)"
         _log_end(tracker, run_id, result, train)
         raise
     except Exception as error:  # noqa: BLE001 - a failed run is recorded, not fatal to a sweep
-        result.state, result.reason = "FAILED", f"{type(error).__name__}: {error}"
+        result.state, result.reason = RunState.FAILED, f"{type(error).__name__}: {error}"
         if _is_cuda_oom(error):
             _release_cuda_memory()
     result.wall_seconds = time.perf_counter() - started
@@ -204,7 +209,7 @@ def _log_end(tracker, run_id, result: ExperimentResult, train) -> None:
         return
     from pitsearch.plots import run_curves_figure
 
-    tags = {"state": result.state}
+    tags = {"state": result.state.value}
     if result.compile_seconds:
         tracker.log_metrics(run_id, {"time/compile_s": result.compile_seconds}, step=0)
     if result.reason:
@@ -216,8 +221,7 @@ def _log_end(tracker, run_id, result: ExperimentResult, train) -> None:
         figure = run_curves_figure({"run": result.history})
         tracker.log_figure(run_id, figure, "curves.png")
         plt.close(figure)
-    status = {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}.get(result.state, "FAILED")
-    tracker.end_run(run_id, status=status)
+    tracker.end_run(run_id, status=result.state.mlflow_status)
 
 
 def _is_cuda_oom(error: BaseException) -> bool:
@@ -240,7 +244,7 @@ def run_single(cfg: Any) -> ExperimentResult:
     """`python -m pitsearch`: validate, train once, log to MLflow, print the result and where to see it."""
     from pitsearch.console import make_console
 
-    from pitsearch.search.storage import mask_url
+    from pitsearch.masking import mask_url
     from pitsearch.tracking import Tracker
 
     console = make_console()
@@ -263,6 +267,6 @@ def run_single(cfg: Any) -> ExperimentResult:
         line = tracker.browse_line(tracker.run_url(result.run_id))   # the run page, Model-training view
         if line is not None:
             console.print(line, soft_wrap=True)
-    if result.state == "FAILED":
+    if result.state == RunState.FAILED:
         raise SystemExit(1)
     return result

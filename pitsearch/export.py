@@ -183,12 +183,13 @@ def main(argv=None) -> int:
     if args.top_k < 1:
         print(f"error: --top-k must be >= 1, got {args.top_k}", file=sys.stderr)
         return 2
-    from pitsearch.report.source import ReportSpec, StudyNotFound, open_study
+    from pitsearch.report.source import ReportSpec
+    from pitsearch.search.study import StudyNotFound, open_existing_study
 
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError("--out", f"{args.out.resolve()} is a file, not a folder")
     try:
-        study, storage_dir = open_study(args.study, args.storage)
+        study, storage_dir = open_existing_study(args.study, args.storage)
         spec = ReportSpec.from_study(study, storage_dir)
         out_dir = args.out or spec.output_dir / "export"
         exported = export_study(study, out_dir, args.top_k, [m for m, _ in spec.objectives], force=args.force)

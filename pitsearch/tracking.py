@@ -22,7 +22,9 @@ from typing import Any, Callable, Iterable, Mapping, TypeVar
 from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_secrets, mask_url
 from pitsearch.retry import DEFAULT_TIMEOUT_S, ServiceUnavailable, error_chain, retry_call, sigint_deferred
+from pitsearch.runstate import RunState
 from pitsearch.tracking_store import open_store
+from pitsearch.urls import sqlite_path, with_sqlite_path
 
 T = TypeVar("T")
 SERVICE = "MLflow tracking server"
@@ -48,11 +50,9 @@ def resolve_tracking_uri(uri: str | None, base_dir: str | Path | None = None) ->
     if uri is None or str(uri).strip() == "":
         return f"sqlite:///{base / 'mlflow.db'}"
     uri = str(uri)
-    if uri.startswith("sqlite:///"):
-        path = uri[len("sqlite:///"):]
-        if path and not path.startswith("/") and path != ":memory:":
-            return f"sqlite:///{(base / path).resolve()}"
-        return uri
+    path = sqlite_path(uri)
+    if path is not None:
+        return with_sqlite_path(uri, (base / path).resolve()) if not path.is_absolute() else uri
     check_tracking_uri(uri)
     return uri
 
@@ -91,8 +91,9 @@ def _plugin_schemes() -> set[str]:
 def default_artifact_location(tracking_uri: str, configured: str | None) -> str | None:
     if configured:
         return Path(configured).resolve().as_uri() if "://" not in configured else configured
-    if tracking_uri.startswith("sqlite:///"):
-        return (Path(tracking_uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    path = sqlite_path(tracking_uri)
+    if path is not None:
+        return (path.parent / "mlartifacts").as_uri()
     return None  # a server decides
 
 
@@ -128,8 +129,6 @@ class Tracker:
                 os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
         self.uri = uri
         self.retry_timeout_s = retry_timeout_s
-        self.give_ups = 0                       # how often a call gave up; a sweep worker checks it per trial
-        self.last_give_up: ServiceUnavailable | None = None
         self._down: ServiceUnavailable | None = None
 
         def first_call() -> str:
@@ -164,8 +163,7 @@ class Tracker:
             return retry_call(fn, *args, **kwargs, service=SERVICE, target=self.uri,
                               is_transient=is_transient_mlflow_error, timeout_s=self.retry_timeout_s)
         except ServiceUnavailable as error:
-            self._down = self.last_give_up = error
-            self.give_ups += 1
+            self._down = error
             raise
 
     def _experiment_id(self, name: str, artifact_location: str | None) -> str:
@@ -208,8 +206,10 @@ class Tracker:
 
     def fail_run(self, run_id: str, reason: str) -> None:
         """Close a trial's run as FAILED, with the tags the UI groups and filters by."""
-        self.set_tags(run_id, {"state": "FAILED", "trial_state": "FAIL", "reason": str(reason)[:5000]})
-        self.end_run(run_id, status="FAILED")
+        failed = RunState.FAILED
+        self.set_tags(run_id, {"state": failed.value, "trial_state": failed.trial_state_name,
+                               "reason": str(reason)[:5000]})
+        self.end_run(run_id, status=failed.mlflow_status)
 
     def set_run_status(self, run_id: str, status: str) -> None:
         self._call(self.client.update_run, run_id, status=status)

@@ -26,20 +26,13 @@ from typing import Callable, Iterator, TypeVar
 
 from pitsearch.errors import ConfigError
 from pitsearch.retry import error_chain
+from pitsearch.urls import sqlite_path
 
 T = TypeVar("T")
 SQLITE_HEADER = b"SQLite format 3\x00"
 _SIDE_FILES = ("", "-journal", "-wal", "-shm")
 
 log = logging.getLogger("pitsearch.tracking")
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The file of a `sqlite:///path` URI; None for any other store."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    path = uri[len("sqlite:///"):].split("?")[0]
-    return Path(path) if path and path != ":memory:" else None
 
 
 def open_store(uri: str, first_call: Callable[[], T]) -> T:

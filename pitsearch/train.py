@@ -17,28 +17,13 @@ import torch
 import torch.nn.functional as F
 
 from pitsearch.errors import ConfigError
+from pitsearch.runstate import Diverged
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 # Order in which per-epoch metrics are printed and logged.
 METRIC_KEYS = ("train/loss", "train/acc", "val/loss", "val/acc", "val/acc_best", "gen/gap", "lr",
                "time/epoch_s", "perf/img_per_s")
-
-
-class StopRun(Exception):
-    """Raised by a callback to end a run early; `state` says how the run ends (e.g. PRUNED)."""
-
-    def __init__(self, reason: str, state: str = "PRUNED"):
-        super().__init__(reason)
-        self.reason = reason
-        self.state = state
-
-
-class Diverged(StopRun):
-    """The training loss became NaN or infinite."""
-
-    def __init__(self, reason: str):
-        super().__init__(reason, state="PRUNED")
 
 
 @dataclass

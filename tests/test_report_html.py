@@ -168,10 +168,11 @@ def sweep(tmp_path, monkeypatch):
 
 
 def finish(study, spec, tracker, parent, trained=True) -> list[str]:
-    from pitsearch.search.runner import _finish
+    from pitsearch.report.sweep import StudyReporter
+    from pitsearch.search.runner import finish_sweep
 
     con = console()
-    _finish(study, spec, tracker, parent, con, interrupted=False, trained=trained)
+    finish_sweep(study, spec, tracker, parent, con, StudyReporter(), interrupted=False, trained=trained)
     return lines_of(con)
 
 

@@ -78,7 +78,8 @@ def kill_after_the_figures(monkeypatch):
 def test_a_report_killed_midway_is_written_by_the_rerun_and_logged_before_the_parent_closes(sweep, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    from pitsearch.search.runner import _finish
+    from pitsearch.report.sweep import StudyReporter
+    from pitsearch.search.runner import finish_sweep
     from pitsearch.tracking import Tracker
 
     study, spec = sweep
@@ -87,13 +88,13 @@ def test_a_report_killed_midway_is_written_by_the_rerun_and_logged_before_the_pa
     report = spec.output_dir / "report"
     restore = kill_after_the_figures(monkeypatch)
     with pytest.raises(Killed):
-        _finish(study, spec, tracker, parent, console(), interrupted=False, trained=True)
+        finish_sweep(study, spec, tracker, parent, console(), StudyReporter(), interrupted=False, trained=True)
     assert not report.exists()                      # no half report
     assert tracker.run_status(parent) == "RUNNING"
     restore()
 
     # The rerun finds the study complete ("nothing to train"): the report is missing, so it is written now.
-    _finish(study, spec, tracker, parent, console(), interrupted=False, trained=False)
+    finish_sweep(study, spec, tracker, parent, console(), StudyReporter(), interrupted=False, trained=False)
     assert {p.name for p in report.iterdir()} >= REPORT_FILES
     assert "## Paired deltas" in (report / "report.md").read_text()
     client = MlflowClient(tracker.uri)
@@ -103,7 +104,7 @@ def test_a_report_killed_midway_is_written_by_the_rerun_and_logged_before_the_pa
 
     # A report that is whole and current is not written again.
     stamp = (report / "report.md").stat().st_mtime_ns
-    _finish(study, spec, tracker, parent, console(), interrupted=False, trained=False)
+    finish_sweep(study, spec, tracker, parent, console(), StudyReporter(), interrupted=False, trained=False)
     assert (report / "report.md").stat().st_mtime_ns == stamp
 
 

@@ -8,7 +8,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from pitsearch.errors import ConfigError
-from pitsearch.search.space import SEED_PATH, hydra_value, parse_space
+from pitsearch.search.overrides import hydra_value
+from pitsearch.search.space import SEED_PATH, parse_space
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 

@@ -14,22 +14,11 @@ from optuna.trial import TrialState
 
 from pitsearch.errors import ConfigError
 from pitsearch.search.space import parse_space
-from pitsearch.search import (
-    count_finished,
-    done_grid_cells,
-    fail_stale_running,
-    journal_path,
-    load_or_create_study,
-    make_pruner,
-    make_sampler,
-    make_storage,
-    mark_worker,
-    mask_url,
-    parse_objectives,
-    requeue_failed,
-    tell,
-    worker_id,
-)
+from pitsearch.masking import mask_url
+from pitsearch.search.grid import grid_state, requeue_failed
+from pitsearch.search.storage import journal_path, make_storage
+from pitsearch.search.study import load_or_create_study, make_pruner, make_sampler, parse_objectives
+from pitsearch.search.trials import count_finished, fail_stale_running, mark_worker, tell, worker_id
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 
@@ -198,7 +187,7 @@ def test_grid_two_workers_same_seed_ask_distinct_cells(tmp_path, grid_space):
         workers[i % 2].tell(t, float(i))
     with pytest.raises(RuntimeError, match="Study.stop"):  # GridSampler stops after the last cell's tell
         workers[1].tell(trials[-1], 7.0)
-    assert count_finished(workers[0]) == 8 and len(done_grid_cells(workers[1], grid_space)) == 8
+    assert count_finished(workers[0]) == 8 and grid_state(workers[1], grid_space, 7).done == 8
 
 
 def test_tell_swallows_only_the_grid_stop(tmp_path):
@@ -271,6 +260,6 @@ def test_requeue_failed_once_and_only_undone_cells(tmp_path):
         t = study.ask()
         space.suggest(t)
         study.tell(t, 1.0 if state == TrialState.COMPLETE else None, state=state)
-    assert requeue_failed(study, space) == [0]  # cell a=2 is done
+    assert [t.number for t in requeue_failed(study, space)] == [0]  # cell a=2 is done
     assert requeue_failed(study, space) == []  # already queued
     assert space.suggest(study.ask()) == {"a": 1}

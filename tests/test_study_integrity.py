@@ -35,11 +35,12 @@ def test_a_mistake_every_trial_would_hit_is_one_line_and_no_study(tmp_path):
 
 
 def _run_sweep_in_process(compose, tmp_path, config_dir, name, overrides):
+    from pitsearch.report.sweep import StudyReporter
     from pitsearch.search.compose import TrialComposer
     from pitsearch.search.runner import run_sweep
 
     composer = TrialComposer(extra_search_paths=[str(config_dir)], overrides=[f"+sweep={name}", *overrides])
-    return run_sweep(composer.compose(), composer)
+    return run_sweep(composer.compose(), composer, reporter=StudyReporter())
 
 
 def test_an_objective_no_trial_reports_is_one_line_before_the_study(compose, tmp_path):

@@ -52,7 +52,7 @@ def test_same_config_and_seed_give_identical_metrics_on_cpu(compose):
 
 
 def test_callback_sees_every_epoch_and_can_stop_the_run(compose):
-    from pitsearch.train import StopRun
+    from pitsearch.runstate import StopRun
 
     seen = []
 

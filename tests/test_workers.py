@@ -16,7 +16,7 @@ from test_sweep import load_study, states, tiny_sweep
 def _worker_context(compose, tmp_path, name, config_dir, extra=()):
     from pitsearch.search.compose import TrialComposer
     from pitsearch.search.runner import config_paths
-    from pitsearch.search.worker import WorkerContext
+    from pitsearch.search.trial import WorkerContext
 
     composer = TrialComposer(config_dir=str(__import__("pitsearch.paths").paths.CONF_DIR),
                              extra_search_paths=[str(config_dir)], overrides=[f"+sweep={name}", *extra])
@@ -26,10 +26,10 @@ def _worker_context(compose, tmp_path, name, config_dir, extra=()):
 
 
 def _create_study(cfg, tmp_path):
-    from pitsearch.search.runner import _open_or_create_study
+    from pitsearch.search.study import open_sweep_study
     from pitsearch.search.spec import parse_sweep
 
-    return _open_or_create_study(parse_sweep(cfg["sweep"], base_dir=str(tmp_path)))
+    return open_sweep_study(parse_sweep(cfg["sweep"], base_dir=str(tmp_path)), create=True)[0]
 
 
 def test_in_process_trials_keep_nothing_of_the_previous_trial(compose, tmp_path, monkeypatch):
@@ -160,7 +160,7 @@ def test_resume_closes_child_runs_whose_trial_is_not_running_and_leaves_live_one
     from optuna.trial import TrialState
     from rich.console import Console
 
-    from pitsearch.search.runner import _requeue_lost_trials
+    from pitsearch.search.parent import close_orphan_runs
     from pitsearch.search.storage import make_storage
     from pitsearch.search.trials import mark_worker, tell
     from pitsearch.tracking import Tracker
@@ -186,7 +186,8 @@ def test_resume_closes_child_runs_whose_trial_is_not_running_and_leaves_live_one
     _, live_run = trial_with_open_run()
 
     output = io.StringIO()
-    _requeue_lost_trials(study, tracker, parent, Console(file=output, width=200))
+    console = Console(file=output, width=200)
+    close_orphan_runs(study, tracker, parent, console.print)
     assert tracker.run_status(interrupted_run) == "FAILED"
     assert tracker.client.get_run(interrupted_run).data.tags["reason"] == "interrupted"
     assert tracker.run_status(completed_run) == "FINISHED"

@@ -3,7 +3,7 @@ paired deltas against the baseline variant, curves and accuracy-vs-MACs plots, O
 `<output_dir>/report/` (report.html, report.md, variants.csv, deltas.csv, trials.csv, PNGs) and logged to the
 sweep's parent MLflow run under `report/`, with each variant's mean curves as the parent's metrics.
 
-The sweep runner calls `write_report` when a sweep completes; `python -m pitsearch.report STUDY` makes it on
+A sweep writes it when it completes (`sweep.StudyReporter`, handed to pitsearch.search.runner by the CLI); `python -m pitsearch.report STUDY` makes it on
 demand. Modules: `source` (open the study, what the report knows of the sweep), `tables` (numbers, CSV),
 `decisions` (the sentences, by pitsearch.sequential), `figures` (PNGs), `document` (report.md and the
 self-contained report.html from one list of blocks), `parent` (what goes to the parent MLflow run), `publish`

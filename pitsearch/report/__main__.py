@@ -11,6 +11,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from pitsearch.urls import sqlite_path
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     from pitsearch.report.source import add_study_arguments
@@ -34,19 +36,15 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from pitsearch.console import make_console
     from pitsearch.errors import ConfigError
-    from pitsearch.report.source import (
-        ReportSpec,
-        StudyNotFound,
-        open_study,
-        parse_baseline,
-    )
+    from pitsearch.report.source import ReportSpec, parse_baseline
+    from pitsearch.search.study import StudyNotFound, open_existing_study
 
     console = make_console()
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError("--out", f"{args.out.resolve()} is a file, not a folder")
     try:
         baseline = parse_baseline(args.baseline)
-        study, storage_dir = open_study(args.study, args.storage)
+        study, storage_dir = open_existing_study(args.study, args.storage)
     except (StudyNotFound, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
@@ -74,7 +72,7 @@ def _parent_run(study, tracking_uri: str | None, console):
     if "***" in uri:
         console.print("note: the study's MLflow URI is password-masked; pass --tracking-uri to log the report")
         return None, None
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):].split("?")[0]).is_file():
+    if sqlite_path(uri) is not None and not sqlite_path(uri).is_file():
         console.print(f"note: MLflow store {uri} not found; the report is not logged to MLflow")
         return None, None
     try:

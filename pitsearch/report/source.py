@@ -1,5 +1,5 @@
-"""Where a report's inputs come from: the study (opened without creating anything) and what the report needs
-to know of its sweep (objectives, swept parameters, baseline, output directory).
+"""Where a report's inputs come from: the study (opened read-only by pitsearch.search.study.open_existing_study)
+and what the report needs to know of its sweep (objectives, swept parameters, baseline, output directory).
 
 At the end of a sweep that is the `SweepSpec`; `write_report` stores its `sweep:` node in the study
 (user attribute `sweep_spec`), so `python -m pitsearch.report` later reads the same thing back. Older
@@ -15,65 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from pitsearch.errors import ConfigError
+from pitsearch.search.locations import default_sweep_dir
 
 SWEEP_SPEC_ATTR = "sweep_spec"
 OUTPUT_DIR_ATTR = "output_dir"
-JOURNAL_NAME = "optuna-journal.log"   # pitsearch.search.storage.DEFAULT_JOURNAL_NAME
-
-
-class StudyNotFound(Exception):
-    """The study or its storage does not exist; the CLIs print it as one line."""
-
-
-def default_sweep_dir(study_name: str, cwd: str | Path | None = None) -> Path:
-    """`<cwd>/pitsearch-sweeps/<study>`: where a sweep with `output_dir: null` keeps its journal and report."""
-    return Path(cwd or Path.cwd()).resolve() / "pitsearch-sweeps" / study_name
-
-
-def open_study(study_name: str, storage: str | None = None, cwd: str | Path | None = None):
-    """Load an existing study without writing anything: no journal, database or folder is created for a
-    study that does not exist. Returns (study, storage_dir): the default journal's folder, or None."""
-    import optuna
-
-    from pitsearch.search.storage import make_storage
-
-    if storage is None:
-        journal = default_sweep_dir(study_name, cwd) / JOURNAL_NAME
-        if not journal.is_file():
-            raise StudyNotFound(f"no study {study_name!r}: {journal} does not exist (give --storage URL or run "
-                                "from the sweep's working directory)")
-        storage_value, storage_dir = str(journal), journal.parent
-    else:
-        storage_value, storage_dir = storage, None
-        _check_exists(storage)
-    try:
-        backend = make_storage(storage_value, Path(cwd or "."), heartbeat_interval=None)
-    except ConfigError as error:
-        raise StudyNotFound(str(error)) from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        return optuna.load_study(study_name=study_name, storage=backend), storage_dir
-    except KeyError:
-        names = optuna.get_all_study_names(backend)
-        known = f"; studies there: {', '.join(names)}" if names else "; it holds no study"
-        raise StudyNotFound(f"no study {study_name!r} in {_masked(storage_value)}{known}") from None
-
-
-def _check_exists(storage: str) -> None:
-    """A journal path or sqlite URL must name an existing file (Optuna would create an empty one)."""
-    if "://" not in storage:
-        if not Path(storage).expanduser().is_file():
-            raise StudyNotFound(f"storage {storage} does not exist")
-    elif storage.startswith("sqlite:///"):
-        path = storage[len("sqlite:///"):].split("?")[0]
-        if not path or not Path(path).expanduser().is_file():
-            raise StudyNotFound(f"storage {storage} does not exist")
-
-
-def _masked(url: str) -> str:
-    from pitsearch.search.storage import mask_url
-
-    return mask_url(url)
 
 
 @dataclass

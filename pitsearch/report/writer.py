@@ -27,7 +27,7 @@ from pitsearch.report.tables import (
     write_trials_csv,
     write_variants_csv,
 )
-from pitsearch.search.summary import fmt_num, trial_records
+from pitsearch.report.summary import fmt_num, trial_records
 
 
 @dataclass

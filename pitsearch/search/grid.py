@@ -37,8 +37,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from pitsearch.search.space import SEED_PATH, SearchSpace
+from pitsearch.search.trials import FINISHED_STATES
 
-FINISHED_STATES = (TrialState.COMPLETE, TrialState.PRUNED)
 # Attempts per cell (the first run and 2 retries), as for trials of dead workers. A Ctrl-C'd attempt is not
 # counted: the user stopped it, the cell did not fail.
 MAX_CELL_ATTEMPTS = 3

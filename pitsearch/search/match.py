@@ -40,7 +40,7 @@ class SweepMatch:
     def is_reference(self, model_cfg: Mapping[str, Any]) -> bool:
         """Whether a trial's model is the reference itself: its values at the reference's keys (`model` compares
         the preset name). Judged on the keys, not on the cost: the reference's trials are never re-sized."""
-        from pitsearch.search.space import to_plain
+        from pitsearch.search.overrides import to_plain
 
         for key, value in self.reference.items():
             actual = model_cfg.get("name") if key == "model" else model_cfg.get(key[len("model."):])
@@ -63,7 +63,7 @@ class SweepMatch:
 def parse_match(node: Any, swept: Sequence[str], known_paths: Sequence[str] | None) -> SweepMatch | None:
     """`sweep.match` checked without any model config (pitsearch.matching.check_match_args); None when unset."""
     from pitsearch.matching import check_match_args
-    from pitsearch.search.space import to_plain
+    from pitsearch.search.overrides import to_plain
 
     if node is None or (isinstance(node, Mapping) and not node):
         return None

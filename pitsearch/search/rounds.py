@@ -22,7 +22,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-from pitsearch.search.space import SEED_PATH, to_plain
+from pitsearch.search.overrides import to_plain
+from pitsearch.search.space import SEED_PATH
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,8 @@ def variants_and_pairs(space, baseline: dict[str, Any]) -> tuple[list[str], dict
 
 def replay(trials: Sequence[FrozenTrial], spec) -> Rounds:
     """The rounds an adaptive grid has opened, from its trials (see the module docstring)."""
-    from pitsearch.search.grid import DUPLICATE, FINISHED_STATES, INTERRUPTED, MAX_CELL_ATTEMPTS
+    from pitsearch.search.grid import DUPLICATE, INTERRUPTED, MAX_CELL_ATTEMPTS
+    from pitsearch.search.trials import FINISHED_STATES
     from pitsearch.sequential import decide
 
     design: AdaptiveSeeds = spec.adaptive

@@ -18,17 +18,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
-from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from pitsearch.errors import ConfigError
+from pitsearch.search.overrides import (PRIMITIVES, check_hydra_round_trip, encode_value, hydra_value, is_number,
+                                        is_plain_data, to_plain, type_name)
 
 SEED_PATH = "train.seed"
 SPEC_KEYS = ("choices", "low", "high", "step", "log", "type", "when")
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*([./][A-Za-z_][A-Za-z0-9_]*)*$")
 _WHEN_RE = re.compile(r"^\s*(?P<path>\S+?)\s*(?P<op>==|!=|\s+in\s+)\s*(?P<value>.+?)\s*$")
-_PLAIN_STR_RE = re.compile(r"^[A-Za-z_/][A-Za-z0-9_\-/.]*$")
-_HYDRA_KEYWORDS = {"null", "true", "false", "inf", "nan"}
-_PRIMITIVES = (str, int, float, bool, type(None))
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ class Param:
 
     @property
     def encoded_choices(self) -> list[Any]:
-        return [_encode(c) for c in self.choices or ()]
+        return [encode_value(c) for c in self.choices or ()]
 
     @property
     def probe_values(self) -> list[Any]:
@@ -75,7 +73,7 @@ class Param:
         """Stored value -> choice; a value that is no encoding (given already decoded) passes through."""
         if self.kind == "categorical" and isinstance(stored, str):
             for choice in self.choices or ():
-                if not isinstance(choice, _PRIMITIVES) and _encode(choice) == stored:
+                if not isinstance(choice, PRIMITIVES) and encode_value(choice) == stored:
                     return choice
         return stored
 
@@ -126,7 +124,7 @@ class SearchSpace:
         out = {}
         for k, v in values.items():
             p = self._by_path.get(k)
-            out[k] = _encode(to_plain(v)) if p is not None and p.kind == "categorical" else v
+            out[k] = encode_value(to_plain(v)) if p is not None and p.kind == "categorical" else v
         return out
 
     def grid(self) -> dict[str, list[Any]]:
@@ -265,7 +263,7 @@ def parse_space(
     """Parse and validate `sweep.space` (and `sweep.seeds`) into a SearchSpace; raises ConfigError."""
     node = to_plain(space_node) if space_node is not None else {}
     if not isinstance(node, dict):
-        raise ConfigError("sweep.space", f"must be a mapping of config path -> spec, got {_type_name(node)}")
+        raise ConfigError("sweep.space", f"must be a mapping of config path -> spec, got {type_name(node)}")
     path_exists = _path_checker(known_paths)
     params: list[Param] = []
     for path, spec in node.items():
@@ -288,7 +286,7 @@ def _parse_param(path: str, spec: Any, earlier: Mapping[str, Param]) -> Param:
     field = f"sweep.space.{path}"
     if not isinstance(spec, dict):
         raise ConfigError(field, f"expected a mapping like {{choices: [...]}} or {{low: .., high: ..}}, "
-                                 f"got {_type_name(spec)}")
+                                 f"got {type_name(spec)}")
     for key in spec:
         if key not in SPEC_KEYS:
             raise ConfigError(f"{field}.{key}", f"unknown key; valid: {', '.join(SPEC_KEYS)}")
@@ -306,18 +304,18 @@ def _parse_choices(choices: Any, field: str) -> tuple[Any, ...]:
         raise ConfigError(field, "choices must be a non-empty list")
     seen: dict[str, Any] = {}
     for choice in choices:
-        if not _is_plain_data(choice):
+        if not is_plain_data(choice):
             raise ConfigError(field, f"choice {choice!r} must be a number, string, bool, null, list or mapping")
         ident = json.dumps(choice, sort_keys=True)
         if ident in seen:
             raise ConfigError(field, f"choices contain {choice!r} twice")
         seen[ident] = choice
-    encoded = [_encode(c) for c in choices]
+    encoded = [encode_value(c) for c in choices]
     strings = [e for e in encoded if isinstance(e, str)]
     if len(set(strings)) != len(strings):
         raise ConfigError(field, "a string choice equals the encoding of a list/mapping choice; rename it")
     for choice in choices:
-        _check_hydra_round_trip(field, choice)
+        check_hydra_round_trip(field, choice)
     return tuple(choices)
 
 
@@ -326,8 +324,8 @@ def _parse_range(path: str, spec: dict, field: str, when: Condition | None) -> P
         raise ConfigError(field, "needs either choices or both low and high")
     low, high, step, log = spec["low"], spec["high"], spec.get("step"), spec.get("log", False)
     for key, value in (("low", low), ("high", high), ("step", step)):
-        if value is not None and not _is_number(value):
-            raise ConfigError(f"{field}.{key}", f"must be a number, got {value!r} ({_type_name(value)})")
+        if value is not None and not is_number(value):
+            raise ConfigError(f"{field}.{key}", f"must be a number, got {value!r} ({type_name(value)})")
     if not isinstance(log, bool):
         raise ConfigError(f"{field}.log", f"must be true or false, got {log!r}")
     kind = spec.get("type")
@@ -401,80 +399,4 @@ def _path_checker(known: Collection[str] | Callable[[str], bool] | None) -> Call
     return set(known).__contains__
 
 
-# ---------------------------------------------------------------------------------------------- values
-
-
-def to_plain(value: Any) -> Any:
-    """OmegaConf containers (and tuples) -> plain Python lists/dicts."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, tuple):
-        return list(value)
-    return value
-
-
-def _encode(value: Any) -> Any:
-    return value if isinstance(value, _PRIMITIVES) else json.dumps(value)
-
-
-def _type_name(value: Any) -> str:
-    return type(value).__name__
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _is_plain_data(value: Any) -> bool:
-    if isinstance(value, _PRIMITIVES):
-        return True
-    if isinstance(value, list):
-        return all(_is_plain_data(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain_data(v) for k, v in value.items())
-    return False
-
-
-def hydra_value(value: Any) -> str:
-    """Format a plain value as the right-hand side of a Hydra command-line override."""
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return repr(value)  # 'inf', 'nan', '1e-05', '0.001' all parse back as floats
-    if isinstance(value, str):
-        if _PLAIN_STR_RE.match(value) and value.lower() not in _HYDRA_KEYWORDS:
-            return value
-        # Quoted: a backslash needs escaping only before a quote or at the end of the string.
-        escaped = re.sub(r"(\\+)(?='|$)", lambda m: m.group(1) * 2, value).replace("'", "\\'")
-        return f"'{escaped}'"
-    if isinstance(value, list):
-        return "[" + ",".join(hydra_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ",".join(f"{hydra_value(k)}:{hydra_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot format {value!r} ({_type_name(value)}) as a Hydra override value")
-
-
-_OVERRIDES_PARSER = None
-
-
-def _check_hydra_round_trip(field: str, value: Any) -> None:
-    """Fail up front if a choice would not come back unchanged (type included) through Hydra's parser."""
-    global _OVERRIDES_PARSER
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    _OVERRIDES_PARSER = _OVERRIDES_PARSER or OverridesParser.create()
-    text = f"x={hydra_value(value)}"
-    try:
-        parsed = _OVERRIDES_PARSER.parse_overrides([text])[0].value()
-    except HydraException:
-        parsed = _check_hydra_round_trip  # anything unequal
-    if json.dumps(parsed, default=repr) != json.dumps(value):  # json tells 1 from 1.0, true and "1"
-        raise ConfigError(field, f"choice {value!r} does not survive as a Hydra override ({text})")
-
-
-__all__ = ["SEED_PATH", "Condition", "Param", "SearchSpace", "hydra_value", "parse_space", "to_plain"]
+__all__ = ["SEED_PATH", "Condition", "Param", "SearchSpace", "parse_space"]

@@ -18,9 +18,9 @@ from optuna.trial import TrialState
 from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_url
 from pitsearch.retry import DEFAULT_TIMEOUT_S, ServiceUnavailable, error_chain, retry_call
+from pitsearch.search.locations import JOURNAL_SUFFIXES, journal_file
+from pitsearch.urls import sqlite_path, with_sqlite_path
 
-JOURNAL_SUFFIXES = (".log", ".journal", ".jsonl")
-DEFAULT_JOURNAL_NAME = "optuna-journal.log"
 
 # ---------------------------------------------------------------------------------------------- storage
 
@@ -43,7 +43,7 @@ def make_storage(
     (`max_retry` times per cell).
     """
     if storage_value is None:
-        return _journal(Path(default_dir) / DEFAULT_JOURNAL_NAME)
+        return _journal(journal_file(default_dir))
     value = str(storage_value)
     if "://" in value:
         return _rdb(value, heartbeat_interval, grace_period, max_retry, retry_timeout_s)
@@ -54,6 +54,11 @@ def make_storage(
         f"{mask_url(value)!r} is neither a journal file (ending {', '.join(JOURNAL_SUFFIXES)}) nor a "
         "sqlite:///, postgresql:// or mysql:// URL",
     )
+
+
+def storage_label(storage_value: str | Path | None, output_dir: Path) -> str:
+    """Where a sweep's trials are stored, for a printed line or a tag: the journal file or the masked URL."""
+    return mask_url(str(storage_value or journal_file(output_dir)))
 
 
 def journal_path(storage: BaseStorage) -> Path | None:
@@ -116,13 +121,12 @@ def _rdb(url: str, heartbeat_interval: int | None, grace_period: int | None, max
 
 def _absolute_sqlite_url(url: str) -> str:
     # sqlite:///rel.db resolves against the CWD, and Hydra jobs may chdir: pin it now.
-    prefix, sep, rest = url.partition(":///")
-    path, qmark, query = rest.partition("?")
-    if not sep or not path or path == ":memory:" or path.startswith("file:"):
+    path = sqlite_path(url)
+    if path is None:
         raise ConfigError("sweep.storage", f"{url} is not a persistent sqlite file URL (sqlite:///path.db)")
-    db = Path(path).expanduser().resolve()
+    db = path.expanduser().resolve()
     db.parent.mkdir(parents=True, exist_ok=True)
-    return f"{prefix}:///{db}{qmark}{query}"
+    return with_sqlite_path(url, db)
 
 
 def _mask_text(text: str, url: str) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+from pathlib import Path
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -16,7 +17,9 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial
 
 from pitsearch.errors import ConfigError
-from pitsearch.search.space import SearchSpace, to_plain
+from pitsearch.search.overrides import to_plain
+from pitsearch.search.space import SearchSpace
+from pitsearch.urls import sqlite_path
 
 SAMPLERS: dict[str, type[optuna.samplers.BaseSampler]] = {
     "grid": optuna.samplers.GridSampler,
@@ -203,6 +206,84 @@ def _check_enumerable(space: SearchSpace) -> None:
     for p in space.params:
         if p.kind == "float" and p.step is None:
             raise ConfigError(f"sweep.space.{p.path}", "bruteforce needs a step for float ranges")
+
+
+def open_sweep_study(spec, *, create: bool = False, worker_index: int = 0) -> tuple[optuna.Study, bool]:
+    """The one way a sweep opens its study: (study, whether this process created it).
+
+    `create=True` (the command that starts or resumes a sweep): create the study, or join it when it exists,
+    then refuse a space its stored trials cannot take (`check_resumable`). Creating is atomic (the name is
+    unique), so exactly one of several racing machines gets created=True and owes the study its MLflow parent
+    run. `create=False` (a worker): load the existing study. Either way with the sweep's sampler and pruner.
+    (`python -m pitsearch.report` and `export` open a finished study read-only: `open_existing_study`.)"""
+    from pitsearch.search.grid import seed_as_range
+    from pitsearch.search.storage import make_storage
+
+    storage = make_storage(spec.storage, spec.output_dir, heartbeat_interval=spec.heartbeat_interval_s,
+                           retry_timeout_s=spec.retry_timeout_s)
+    sampler = make_sampler(spec.sampler, spec.space, len(spec.objectives), worker_index=worker_index,
+                           study_name=spec.study_name)
+    pruner = make_pruner(spec.pruner, len(spec.objectives))
+    if not create:
+        return optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner), False
+    try:
+        storage.create_new_study([optuna.study.StudyDirection[d.upper()] for d in spec.directions], spec.study_name)
+        created = True
+    except optuna.exceptions.DuplicatedStudyError:
+        created = False
+    study = load_or_create_study(spec.study_name, storage, sampler, pruner, spec.directions)
+    grid = spec.sampler["name"] == "grid"
+    check_resumable(study, spec.space, grid=grid, seed_range=grid and seed_as_range(study))
+    return study, created
+
+
+class StudyNotFound(Exception):
+    """The study or its storage does not exist; the CLIs print it as one line."""
+
+
+def open_existing_study(study_name: str, storage: str | None = None, cwd: str | Path | None = None):
+    """Load an existing study without writing anything: no journal, database or folder is created for a
+    study that does not exist. Returns (study, storage_dir): the default journal's folder, or None."""
+    from pitsearch.search.locations import default_sweep_dir, journal_file
+    from pitsearch.search.storage import make_storage
+
+    if storage is None:
+        journal = journal_file(default_sweep_dir(study_name, cwd))
+        if not journal.is_file():
+            raise StudyNotFound(f"no study {study_name!r}: {journal} does not exist (give --storage URL or run "
+                                "from the sweep's working directory)")
+        storage_value, storage_dir = str(journal), journal.parent
+    else:
+        storage_value, storage_dir = storage, None
+        _check_exists(storage)
+    try:
+        backend = make_storage(storage_value, Path(cwd or "."), heartbeat_interval=None)
+    except ConfigError as error:
+        raise StudyNotFound(str(error)) from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        return optuna.load_study(study_name=study_name, storage=backend), storage_dir
+    except KeyError:
+        names = optuna.get_all_study_names(backend)
+        known = f"; studies there: {', '.join(names)}" if names else "; it holds no study"
+        raise StudyNotFound(f"no study {study_name!r} in {_masked(storage_value)}{known}") from None
+
+
+def _check_exists(storage: str) -> None:
+    """A journal path or sqlite URL must name an existing file (Optuna would create an empty one)."""
+    if "://" not in storage:
+        if not Path(storage).expanduser().is_file():
+            raise StudyNotFound(f"storage {storage} does not exist")
+    elif storage.startswith("sqlite"):
+        path = sqlite_path(storage)
+        if path is None or not path.expanduser().is_file():
+            raise StudyNotFound(f"storage {storage} does not exist")
+
+
+def _masked(url: str) -> str:
+    from pitsearch.masking import mask_url
+
+    return mask_url(url)
 
 
 def load_or_create_study(

@@ -59,11 +59,6 @@ def count_running(study: optuna.Study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
-def done_grid_cells(study: optuna.Study, space: SearchSpace) -> set[frozenset]:
-    """Cells (`SearchSpace.cell_key`) that have a COMPLETE or PRUNED trial."""
-    return {space.cell_key(t.params) for t in study.get_trials(deepcopy=False, states=FINISHED_STATES)}
-
-
 # ---------------------------------------------------------------------------------------------- stale trials
 
 
@@ -145,14 +140,6 @@ def _heartbeat_stale_ids(study: optuna.Study) -> list[int]:
     if not is_heartbeat_enabled(storage):
         return []
     return list(storage._get_stale_trial_ids(study._study_id))
-
-
-def requeue_failed(study: optuna.Study, space: SearchSpace, seed: int | None = None) -> list[int]:
-    """Queue one more attempt of each failed grid cell with attempts left (pitsearch.search.grid); returns the
-    numbers of the failed trials retried."""
-    from pitsearch.search.grid import requeue_failed as requeue_failed_cells
-
-    return [t.number for t in requeue_failed_cells(study, space, seed)]
 
 
 def _stale_reason(t: FrozenTrial, host: str, now: float, older_than_s: float | None) -> str | None:
