@@ -12,8 +12,7 @@ from collections import Counter
 
 import pytest
 
-from conftest import TINY_SWEEP, run_cli, write_sweep
-from test_sweep import load_study
+from helpers import TINY_SWEEP, load_study, run_cli, write_sweep
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import TINY
+from helpers import TINY
 from pitsearch.analysis import (
     capture_attention,
     clean_accuracy,

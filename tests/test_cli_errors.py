@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import TINY, TINY_SWEEP, run_cli, write_sweep
+from helpers import TINY, TINY_SWEEP, journal_study, run_cli, write_sweep
 from optuna.trial import TrialState
-from test_export import journal_study
 
 from pitsearch.errors import ConfigError
 from pitsearch.retry import ServiceUnavailable

@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import TINY_SWEEP, write_sweep
+from helpers import TINY_SWEEP, completed_cells, states, write_sweep
 from servers import TcpProxy, free_port, mlflow_server, postgres, start_process, stop_process  # noqa: F401
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -125,15 +125,6 @@ class Cluster:
         parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
         children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
         return client, parents, children
-
-
-def states(study) -> Counter:
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
-
-
-def completed_cells(study) -> Counter:
-    return Counter(tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
-                   if t.state.name == "COMPLETE")
 
 
 def assert_every_cell_completed_once(study) -> None:

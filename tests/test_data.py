@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,32 +15,13 @@ from pitsearch.augment import BatchAugment
 from pitsearch.data import (DATA_SOURCES, Dataset, batch_indices, load_dataset,
                             validate_data_config)
 from pitsearch.errors import ConfigError
-from pitsearch.paths import CONF_DIR
 
-DATA_CONF = CONF_DIR / "data"
-
-
-def conf(name: str, **overrides):
-    """conf/data/NAME.yaml as the DictConfig Hydra would hand over, with overrides merged in."""
-    return OmegaConf.merge(OmegaConf.load(DATA_CONF / f"{name}.yaml"), overrides)
+from helpers import DATA_CONF, conf, write_fake_cifar, write_png_tree
 
 
 @pytest.fixture(scope="module")
 def mnist():
     return load_dataset(conf("mnist5k"))
-
-
-def write_png_tree(root: Path, splits=("train", "val"), classes=("ant", "bee", "cat"), per_class=4) -> Path:
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for split in splits:
-        for c in classes:
-            (root / split / c).mkdir(parents=True)
-            for i in range(per_class if split == "train" else 2):
-                pixels = rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)  # 10 high, 12 wide
-                Image.fromarray(pixels).save(root / split / c / f"{i}.png")
-    return root
 
 
 # --- sources --------------------------------------------------------------------------------------------------
@@ -128,24 +108,6 @@ def test_imagefolder_grayscale_test_split_and_cache_dir(tmp_path):
                              cache_dir=str(tmp_path / "cache")))
     assert data.train_x.shape == (6, 1, 8, 8) and data.val_x.shape == (4, 1, 8, 8) and len(data.mean) == 1
     assert len(list((tmp_path / "cache").glob("imagefolder-8px-1ch-*.npy"))) == 1
-
-
-def write_fake_cifar(root: Path, name: str, n: int = 4) -> None:
-    """A few random images in torchvision's pickle layout: batches hold 'data' (N, 3072) uint8 rows of
-    R then G then B planes, each 32x32 row-major, and 'labels' (CIFAR-10) or 'fine_labels' (CIFAR-100)."""
-    rng = np.random.default_rng(0)
-    if name == "cifar10":
-        folder, batches, label_key = root / "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)] + [
-            "test_batch"], "labels"
-        meta_name, meta = "batches.meta", {"label_names": [f"c{i}" for i in range(10)]}
-    else:
-        folder, batches, label_key = root / "cifar-100-python", ["train", "test"], "fine_labels"
-        meta_name, meta = "meta", {"fine_label_names": [f"c{i}" for i in range(100)]}
-    folder.mkdir(parents=True)
-    for batch in batches:
-        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), label_key: list(range(n))}
-        (folder / batch).write_bytes(pickle.dumps(entry))
-    (folder / meta_name).write_bytes(pickle.dumps(meta))
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ import torch
 from pitsearch import imagefolder
 from pitsearch.data import _channel_stats, load_dataset
 from pitsearch.errors import ConfigError
-from test_data import conf, write_fake_cifar, write_png_tree
+from helpers import conf, write_fake_cifar, write_png_tree
 
 # One process loading the tree at ROOT: every decode_all call appends its process's tag to SYNC/decodes; the
 # processes start together (each waits for COUNT ready files) and a decode sleeps SLEEP s, so the others arrive

@@ -2,38 +2,12 @@
 
 from __future__ import annotations
 
-import optuna
 import pytest
 import yaml
-from conftest import mlflow_runs, run_cli
-from optuna.distributions import CategoricalDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState, create_trial
-from test_report import load_journal_study, run_tiny_sweep
+from helpers import journal_study, load_journal_study, mlflow_runs, run_cli, run_tiny_sweep
+from optuna.trial import TrialState
 
 from pitsearch.export import main, rank_trials
-
-POOLS = CategoricalDistribution(["conv", "none", "max", "avg"])
-
-
-def config_for(pool: str, seed: int) -> dict:
-    return {"model": {"name": "pit_nano", "pool": pool, "img_size": 8, "in_chans": 1, "num_classes": 10},
-            "data": {"name": "digits"}, "train": {"seed": seed, "device": "cuda:1", "threads": 1},
-            "tracking": {"experiment": "x"}, "sweep": {"study_name": "s"}}
-
-
-def journal_study(cwd, name: str, directions=("maximize",), trials=()):
-    """A study in the default journal location under `cwd`; trials: (state, values, pool, seed)."""
-    path = cwd / "pitsearch-sweeps" / name / "optuna-journal.log"
-    path.parent.mkdir(parents=True)
-    study = optuna.create_study(study_name=name, directions=list(directions),
-                                storage=JournalStorage(JournalFileBackend(str(path))))
-    for state, values, pool, seed in trials:
-        study.add_trial(create_trial(state=state, values=values, params={"model.pool": pool},
-                                     distributions={"model.pool": POOLS},
-                                     user_attrs={"config": config_for(pool, seed), "variant": f"model.pool={pool}"}))
-    return study
 
 
 def test_rank_order_follows_the_study_direction(tmp_path):

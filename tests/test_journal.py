@@ -11,7 +11,7 @@ from pathlib import Path
 
 import optuna
 import pytest
-from conftest import run_cli
+from helpers import load_study, run_cli, synthetic_study, tiny_sweep
 
 from pitsearch.errors import ConfigError
 from pitsearch.search.journal import BACKUP_INFIX
@@ -129,8 +129,6 @@ def test_a_failed_write_is_rolled_back_and_the_writer_stops(tmp_path):
 
 
 def test_report_and_export_read_a_torn_journal_and_refuse_a_damaged_one_in_one_line(tmp_path, monkeypatch, capsys):
-    from test_report import synthetic_study
-
     from pitsearch.export import main as export_main
     from pitsearch.report.__main__ import main as report_main
 
@@ -163,8 +161,6 @@ def test_a_sweep_stops_in_one_line_on_a_full_disk_and_resumes_from_a_torn_journa
     import os
     import resource
     import signal
-
-    from test_sweep import load_study, tiny_sweep
 
     config_dir = tiny_sweep(tmp_path, "torn", seeds="[0]")
     args = ["--config-dir", config_dir, "+sweep=torn", "tracking.enabled=false", "sweep.report=false"]

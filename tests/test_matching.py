@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import pitsearch.models.pit as pit_module
-from conftest import run_cli
+from helpers import run_cli
 from pitsearch.errors import ConfigError
 from pitsearch.matching import (
     GROWTH_LIMIT,

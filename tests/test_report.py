@@ -3,105 +3,19 @@ seed matters), the CLI, and a real tiny sweep's report logged to its parent MLfl
 
 from __future__ import annotations
 
-import csv
 import json
-import random
 from pathlib import Path
 
 import numpy as np
-import optuna
 import pytest
-from conftest import TINY, run_cli, write_sweep
-from optuna.distributions import CategoricalDistribution
-from optuna.storages import JournalStorage
-from optuna.storages.journal import JournalFileBackend
-from optuna.trial import TrialState, create_trial
+from helpers import (PNG_SIGNATURE, VARIANT_EFFECT, load_journal_study, read_csv, run_cli,
+                     run_tiny_sweep, synthetic_study)
+from optuna.trial import TrialState
 from scipy import stats as sps
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 REPORT_PNGS = ("curves.png", "acc_vs_macs.png", "optuna_history.png")
 
-# ------------------------------------------------------------------------------------------ a real tiny sweep
-
-TINY_SWEEP = """# @package _global_
-sweep:
-  study_name: rtiny
-  objectives: [{metric: val/acc_best, direction: maximize}]
-  sampler: {name: grid}
-  seeds: [0]
-  baseline: {model.pool: none}
-  space:
-    model.pool: {choices: [conv, none]}
-"""
-
-
-def run_tiny_sweep(tmp_path_factory) -> Path:
-    """A 2-trial sweep (conv / none, seed 0, 1 epoch on digits, with the analyses), run once per session:
-    test_export reuses it.
-    Returns its working directory (journal in pitsearch-sweeps/rtiny/, MLflow in mlflow.db)."""
-    root = tmp_path_factory.getbasetemp() / "tiny-sweep"
-    if not (root / "done").exists():
-        root.mkdir(exist_ok=True)
-        write_sweep(root / "cfg", "rtiny", TINY_SWEEP)
-        result = run_cli(["--config-dir", root / "cfg", "+sweep=rtiny", *TINY, "train.epochs=1",
-                          "train.threads=1", "tracking.experiment=rtiny", "eval.spatial=true",
-                          "eval.spatial_images=8", "eval.robustness=[occlusion,fgsm]", "eval.robustness_images=64"],
-                         cwd=root, check=True, env={"COLUMNS": ""})   # a log file's width: links stay one line
-        (root / "stderr.txt").write_text(result.stderr)
-        (root / "done").write_text("ok")
-    return root
-
-
-def load_journal_study(path: Path, name: str):
-    return optuna.load_study(study_name=name, storage=JournalStorage(JournalFileBackend(str(path))))
-
-
 # ------------------------------------------------------------------------------------------ a synthetic study
-
-SEED_EFFECT = {0: 0.00, 1: 0.20, 2: -0.15, 3: 0.12}        # large: only pairing by seed cancels it
-VARIANT_EFFECT = {("conv", "[1, 1, 1]"): 0.010, ("none", "[1, 1, 1]"): 0.0,
-                  ("conv", "[1, 2, 1]"): 0.030, ("none", "[1, 2, 1]"): 0.050}
-SWEEP_NODE = {"study_name": "synth", "objectives": [{"metric": "val/acc_best", "direction": "maximize"}],
-              "sampler": {"name": "grid"}, "seeds": [0, 1, 2, 3], "baseline": {"model.pool": "none"},
-              "space": {"model.pool": {"choices": ["conv", "none"]},
-                        "model.depths": {"choices": [[1, 1, 1], [1, 2, 1]]}}}
-DISTRIBUTIONS = {"model.pool": CategoricalDistribution(["conv", "none"]),
-                 "model.depths": CategoricalDistribution(["[1, 1, 1]", "[1, 2, 1]"]),
-                 "train.seed": CategoricalDistribution([0, 1, 2, 3])}
-
-
-def synthetic_study(cwd: Path, name: str = "synth"):
-    """pool x depths x 4 seeds, added in shuffled order; conv/[1,1,1] seed 3 failed (so that variant has 3
-    seeds and a mean over its seeds is not comparable with the baseline's 4)."""
-    journal = cwd / "pitsearch-sweeps" / name / "optuna-journal.log"
-    journal.parent.mkdir(parents=True)
-    study = optuna.create_study(study_name=name, direction="maximize",
-                                storage=JournalStorage(JournalFileBackend(str(journal))))
-    cells = [(pool, depths, seed) for pool, depths in VARIANT_EFFECT for seed in SEED_EFFECT]
-    random.Random(0).shuffle(cells)
-    for i, (pool, depths, seed) in enumerate(cells):
-        acc = 0.5 + SEED_EFFECT[seed] + VARIANT_EFFECT[(pool, depths)] + 0.001 * ((i * 7) % 5)
-        history = {"train/loss": [2.0, 1.0 - acc / 2], "train/acc": [0.3, acc + 0.02], "val/acc": [0.25, acc],
-                   "val/acc_best": [0.25, acc], "gen/gap": [0.05, 0.02], "perf/img_per_s": [900.0 + i, 950.0 + i]}
-        final = {k: v[-1] for k, v in history.items()}
-        final.update({"robust/fgsm_acc": acc - 0.2, "spatial/mean_distance_px": 3.0 + seed})
-        failed = (pool, depths, seed) == ("conv", "[1, 1, 1]", 3)
-        study.add_trial(create_trial(
-            state=TrialState.FAIL if failed else TrialState.COMPLETE, value=None if failed else acc,
-            params={"model.pool": pool, "model.depths": depths, "train.seed": seed}, distributions=DISTRIBUTIONS,
-            intermediate_values={0: 0.25, 1: acc},
-            user_attrs={"variant": f"model.pool={pool} model.depths={depths.replace(' ', '')}", "seed": seed,
-                        "history": history, "final": {} if failed else final,
-                        "macs": 1000 if pool == "conv" else 4000, "params": 50_000,
-                        "config": {"sweep": SWEEP_NODE, "train": {"seed": seed}},
-                        **({"fail_reason": "synthetic"} if failed else {})}))
-    return study
-
-
-def read_csv(path: Path) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
-
 
 def t_half_width(values) -> float:
     values = np.asarray(values, dtype=float)

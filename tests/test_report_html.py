@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import optuna
 import pytest
+from helpers import PNG_SIGNATURE, SWEEP, add_trial, read_csv, synthetic_study
 from scipy import stats as sps
-from test_report import PNG_SIGNATURE, read_csv, synthetic_study
-from test_report_publish import SWEEP, add_trial
 
 MODEL_TRAINING = "workflowType=machine_learning"
 

@@ -12,31 +12,15 @@ from pathlib import Path
 
 import optuna
 import pytest
-from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
+from helpers import SWEEP, add_trial
 
 from pitsearch.errors import ConfigError
 
-SWEEP = {"study_name": "rep", "objectives": [{"metric": "val/acc_best", "direction": "maximize"}],
-         "sampler": {"name": "grid"}, "seeds": [0, 1], "baseline": {"model.pool": "none"},
-         "space": {"model.pool": {"choices": ["conv", "none"]}}}
 REPORT_FILES = {"report.md", "variants.csv", "deltas.csv", "trials.csv", "curves.png", "acc_vs_macs.png"}
 
 
 class Killed(BaseException):
     """Stands in for SIGKILL: nothing below catches it."""
-
-
-def add_trial(study, pool: str, seed: int) -> None:
-    acc = 0.8 + (0.05 if pool == "conv" else 0.0) + 0.01 * seed
-    history = {"train/loss": [1.0, 0.5], "train/acc": [0.6, acc + 0.02], "val/acc": [0.5, acc],
-               "val/acc_best": [0.5, acc], "gen/gap": [0.1, 0.02]}
-    study.add_trial(create_trial(
-        state=TrialState.COMPLETE, value=acc, params={"model.pool": pool, "train.seed": seed},
-        distributions={"model.pool": CategoricalDistribution(["conv", "none"]),
-                       "train.seed": CategoricalDistribution([0, 1, 2])},
-        user_attrs={"variant": f"model.pool={pool}", "seed": seed, "history": history,
-                    "final": {k: v[-1] for k, v in history.items()}, "macs": 1000, "params": 5000}))
 
 
 @pytest.fixture

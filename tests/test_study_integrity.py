@@ -10,8 +10,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import run_cli
-from test_sweep import completed_cells, load_study, states, tiny_sweep
+from helpers import completed_cells, create_study, load_study, run_cli, states, tiny_sweep, worker_context
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 NO_MLFLOW = ["sweep.report=false", "tracking.enabled=false"]
@@ -241,16 +240,14 @@ def test_seeded_samplers_draw_new_points_on_resume_and_the_same_on_a_fresh_run(t
 
 @pytest.mark.slow
 def test_a_resumed_random_sweep_draws_no_configuration_twice(compose, tmp_path):
-    from test_workers import _create_study, _worker_context
-
     from pitsearch.search.worker import run_worker
 
     config_dir = tiny_sweep(tmp_path, "rand", seeds="[0]", space="    train.lr: {low: 1.0e-4, high: 1.0e-2, log: true}")
     for n_trials in (2, 4):   # run, then resume with a larger budget
-        cfg, ctx = _worker_context(compose, tmp_path, "rand", config_dir,
+        cfg, ctx = worker_context(compose, tmp_path, "rand", config_dir,
                                    extra=["sweep.sampler.name=random", "+sweep.sampler.seed=0",
                                           f"sweep.n_trials={n_trials}"])
-        _create_study(cfg, tmp_path)
+        create_study(cfg, tmp_path)
         assert run_worker(ctx, emit=lambda line: None)["COMPLETE"] == 2
     study = load_study(tmp_path, "rand")
     lrs = [t.params["train.lr"] for t in study.trials if t.state == TrialState.COMPLETE]
@@ -281,13 +278,11 @@ def test_a_cell_that_failed_runs_again_when_the_fixed_command_resumes(compose, t
 
 @pytest.mark.slow
 def test_seeds_added_to_a_grid_run_only_the_new_cells_once_with_two_workers(compose, tmp_path):
-    from test_workers import _create_study, _worker_context
-
     from pitsearch.search.worker import run_worker
 
     config_dir = tiny_sweep(tmp_path, "grow", seeds="[0]")   # model.pool in {conv, none}: 2 cells, run in-process
-    cfg, ctx = _worker_context(compose, tmp_path, "grow", config_dir)
-    _create_study(cfg, tmp_path)
+    cfg, ctx = worker_context(compose, tmp_path, "grow", config_dir)
+    create_study(cfg, tmp_path)
     assert run_worker(ctx, emit=lambda line: None)["COMPLETE"] == 2
     before = {t.number: t.params for t in load_study(tmp_path, "grow").trials}
 

@@ -8,37 +8,12 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
-import optuna
 import pytest
 
-from conftest import TINY_SWEEP, mlflow_runs, run_cli, write_sweep
+from helpers import TINY_SWEEP, completed_cells, load_study, mlflow_runs, run_cli, states, tiny_sweep, write_sweep
 
 pytestmark = pytest.mark.slow
-
-def tiny_sweep(tmp_path: Path, name: str, space: str = "    model.pool: {choices: [conv, none]}", epochs: int = 1,
-               workers: int = 1, seeds: str = "[0, 1]", pruner: str = "{name: none}") -> Path:
-    config_dir = tmp_path / "cfg"
-    write_sweep(config_dir, name, TINY_SWEEP.format(name=name, space=space, epochs=epochs, workers=workers,
-                                                    seeds=seeds, pruner=pruner, extra=""))
-    return config_dir
-
-
-def load_study(tmp_path: Path, name: str) -> optuna.Study:
-    from pitsearch.search.storage import make_storage
-
-    storage = make_storage(None, tmp_path / "pitsearch-sweeps" / name)
-    return optuna.load_study(study_name=name, storage=storage)
-
-
-def states(study) -> Counter:
-    return Counter(t.state.name for t in study.get_trials(deepcopy=False))
-
-
-def completed_cells(study) -> Counter:
-    return Counter(tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
-                   if t.state.name in ("COMPLETE", "PRUNED"))
 
 
 def test_tiny_grid_makes_a_parent_with_one_child_per_trial_and_resumes_as_complete(tmp_path):

@@ -9,7 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from conftest import TINY_SWEEP, mlflow_runs, run_cli, write_sweep
+from helpers import TINY_SWEEP, mlflow_runs, run_cli, write_sweep
 from pitsearch.errors import ConfigError
 
 MATCH_CONV = "  match: {on: macs, reference: {model.pool: conv}, adjust: model.head_dims, tolerance: 0.05}\n"

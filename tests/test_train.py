@@ -7,7 +7,7 @@ import weakref
 
 import pytest
 
-from conftest import TINY, mlflow_runs, run_cli
+from helpers import TINY, mlflow_runs, run_cli
 from pitsearch.errors import ConfigError
 from pitsearch.experiment import prepare, run_experiment
 from pitsearch.train import METRIC_KEYS

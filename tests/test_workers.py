@@ -9,27 +9,7 @@ import weakref
 import pytest
 import torch
 
-from conftest import TINY, run_cli
-from test_sweep import load_study, states, tiny_sweep
-
-
-def _worker_context(compose, tmp_path, name, config_dir, extra=()):
-    from pitsearch.search.compose import TrialComposer
-    from pitsearch.search.runner import config_paths
-    from pitsearch.search.trial import WorkerContext
-
-    composer = TrialComposer(config_dir=str(__import__("pitsearch.paths").paths.CONF_DIR),
-                             extra_search_paths=[str(config_dir)], overrides=[f"+sweep={name}", *extra])
-    cfg = composer.compose()
-    return cfg, WorkerContext(composer=composer, sweep_node=cfg["sweep"], known_paths=config_paths(cfg),
-                              base_dir=str(tmp_path), tracking={"enabled": False}, parent_run_id=None)
-
-
-def _create_study(cfg, tmp_path):
-    from pitsearch.search.study import open_sweep_study
-    from pitsearch.search.spec import parse_sweep
-
-    return open_sweep_study(parse_sweep(cfg["sweep"], base_dir=str(tmp_path)), create=True)[0]
+from helpers import TINY, create_study, load_study, run_cli, states, tiny_sweep, worker_context
 
 
 def test_in_process_trials_keep_nothing_of_the_previous_trial(compose, tmp_path, monkeypatch):
@@ -37,8 +17,8 @@ def test_in_process_trials_keep_nothing_of_the_previous_trial(compose, tmp_path,
     from pitsearch.search.worker import run_worker
 
     config_dir = tiny_sweep(tmp_path, "leak", seeds="[0, 1, 2]")
-    cfg, ctx = _worker_context(compose, tmp_path, "leak", config_dir)
-    _create_study(cfg, tmp_path)
+    cfg, ctx = worker_context(compose, tmp_path, "leak", config_dir)
+    create_study(cfg, tmp_path)
     previous: list[weakref.ref] = []
     alive_at_next_trial: list[bool] = []
     real_run = experiment.run_experiment
@@ -61,8 +41,8 @@ def test_out_of_memory_fails_that_trial_and_the_next_trial_runs(compose, tmp_pat
     from pitsearch.search.worker import run_worker
 
     config_dir = tiny_sweep(tmp_path, "oom", seeds="[0]")
-    cfg, ctx = _worker_context(compose, tmp_path, "oom", config_dir)
-    study = _create_study(cfg, tmp_path)
+    cfg, ctx = worker_context(compose, tmp_path, "oom", config_dir)
+    study = create_study(cfg, tmp_path)
     real_train = train.train_model
     calls = []
 
