@@ -79,6 +79,10 @@ def known_failure(error: BaseException) -> tuple[int, str] | None:
         return EXIT_BAD_INPUT, _hydra_problem(error, hydra_errors)
     omegaconf_errors = sys.modules.get("omegaconf.errors")
     if omegaconf_errors is not None and isinstance(error, omegaconf_errors.OmegaConfBaseException):
+        if _is_schema_error(error):
+            from pitsearch.config.check import problem
+
+            return EXIT_BAD_INPUT, ": ".join(problem(error))
         return EXIT_BAD_INPUT, f"{error.full_key or 'config'}: {_first_line(error.msg or error)}"
     yaml = sys.modules.get("yaml")
     if yaml is not None and isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
@@ -110,7 +114,11 @@ def _hydra_problem(error: Exception, hydra_errors) -> str:
     cause = error.__cause__
     key = re.search(r"'([^']+)'", lines[0]) if lines else None
     field = key.group(1) if key else "config"
-    if lines and lines[0].startswith("Could not override") and type(cause).__name__ == "ConfigKeyError":
+    if lines and lines[0].startswith("Could not override") and type(cause).__name__ in ("ConfigKeyError",
+                                                                                     "ConfigAttributeError"):
+        schema = getattr(cause, "object_type", None)
+        if hasattr(schema, "__dataclass_fields__"):   # a typed node (pitsearch.config.schema): say what it takes
+            return f"{field}: no such key in the config (valid: {', '.join(schema.__dataclass_fields__)})"
         hint = next((line for line in lines[1:] if line.startswith("To append")), "")
         return f"{field}: no such key in the config" + (f" ({hint[0].lower()}{hint[1:]})" if hint else "")
     detail = f" ({_first_line(cause)})" if cause is not None and str(cause).strip() else ""
@@ -120,7 +128,25 @@ def _hydra_problem(error: Exception, hydra_errors) -> str:
         key, value = merging["key"], merging["value"]
         return (f"{key}: a mapping cannot replace a list with `=`; delete the list first: "
                 f"\"~{key}\" \"+{key}={value}\"")
+    # A value the schema refuses, from an override or a config file ("In 'sweep/x': ValidationError raised while
+    # composing config"; Hydra chains that one implicitly): the field, what it must be, what it got.
+    schema_error = cause if cause is not None else error.__context__
+    if _is_schema_error(schema_error):
+        from pitsearch.config.check import problem
+
+        where = re.match(r"In '([^']+)'", lines[0]) if lines else None
+        field, text = problem(schema_error)
+        return f"{field}: {text}" + (f" (in {where.group(1)})" if where else "")
     return f"{field}: {' '.join(lines) or type(error).__name__}{detail}"
+
+
+def _is_schema_error(error: BaseException | None) -> bool:
+    """An OmegaConf error on a node of pitsearch's schema: a wrong type, an unknown key, a missing value."""
+    omegaconf_errors = sys.modules.get("omegaconf.errors")
+    if omegaconf_errors is None or not isinstance(error, omegaconf_errors.OmegaConfBaseException):
+        return False
+    return (isinstance(error, omegaconf_errors.ValidationError) and bool(error.full_key)) or hasattr(
+        error.object_type, "__dataclass_fields__")
 
 
 def _first_line(value: Any) -> str:

@@ -86,7 +86,7 @@ class _Source(NamedTuple):
 
 
 def load_dataset(cfg, device="cpu") -> Dataset:
-    validate_data_config(cfg)
+    cfg = validate_data_config(cfg)   # the data set's every key, defaults filled in (pitsearch.config.schema)
     raw = DATA_SOURCES[cfg.get("name")].load(cfg)
     labels = torch.unique(raw.train_y)
     if len(labels) < 2:  # the sources check their own configs first; this catches e.g. synthetic num_train=1
@@ -104,33 +104,21 @@ def load_dataset(cfg, device="cpu") -> Dataset:
                    class_names=tuple(raw.class_names)).to(device)
 
 
-def validate_data_config(cfg) -> None:
-    """Cheap checks before any loading; raises ConfigError naming the field or path."""
-    name = cfg.get("name")
-    if name not in DATA_SOURCES:
-        raise ConfigError("data.name", f"unknown data set {name!r}; valid: {', '.join(sorted(DATA_SOURCES))}")
-    _int_field(cfg, "img_size", required=False)
-    fraction = cfg.get("val_fraction")
-    if fraction is not None and not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-        raise ConfigError("data.val_fraction", f"must be between 0 and 1 (exclusive), got {fraction!r}")
-    aug = cfg.get("aug") or {}
-    _int_field(aug, "crop_padding", required=False, minimum=0, prefix="data.aug.")
-    for key in ("mixup", "cutmix"):
-        alpha = aug.get(key, 0)
-        if alpha is None or isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha < 0:
-            raise ConfigError(f"data.aug.{key}", f"must be a number >= 0 (0 = off), got {alpha!r}")
-    DATA_SOURCES[name].validate(cfg)
+def validate_data_config(cfg) -> dict[str, Any]:
+    """Cheap checks before any loading; raises ConfigError naming the field or path. Types, unknown keys, defaults
+    and ranges are the data set's schema (pitsearch.config.schema.DATA_SCHEMAS); each source checks the rest
+    (required keys, paths, folder layout). Returns the full config."""
+    from pitsearch.config import checked
+
+    cfg = checked("data", cfg)
+    DATA_SOURCES[cfg["name"]].validate(cfg)
+    return cfg
 
 
-def _int_field(cfg, key: str, required: bool, minimum: int = 1, prefix: str = "data.") -> int | None:
-    value = cfg.get(key)
-    if value is None:
-        if required:
-            raise ConfigError(prefix + key, f"required (an integer >= {minimum})")
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(prefix + key, f"must be an integer >= {minimum}, got {value!r}")
-    return value
+def _required(cfg, *keys: str) -> None:
+    for key in keys:
+        if cfg.get(key) is None:
+            raise ConfigError(f"data.{key}", f"required for data set {cfg.get('name')!r}")
 
 
 def _root(cfg, must_exist: bool = True) -> Path:
@@ -179,8 +167,8 @@ def _stratified_split(x: torch.Tensor, y: np.ndarray, cfg, num_classes: int) -> 
     """Fixed split: `data.split_seed` (default 0) only, never the run seed, so every trial sees the same val set."""
     from sklearn.model_selection import train_test_split
 
-    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=float(cfg.get("val_fraction", 0.2)),
-                                          stratify=y, random_state=int(cfg.get("split_seed", 0)))
+    train_idx, val_idx = train_test_split(np.arange(len(y)), test_size=float(cfg["val_fraction"]),
+                                          stratify=y, random_state=int(cfg["split_seed"]))
     y = torch.as_tensor(y, dtype=torch.int64)
     train_idx, val_idx = torch.from_numpy(train_idx), torch.from_numpy(val_idx)
     return _Raw(x[train_idx], y[train_idx], x[val_idx], y[val_idx], num_classes)
@@ -342,8 +330,7 @@ def _scan_imagefolder(cfg) -> tuple[Path, list[str], list[tuple[Path, int]], lis
 
 
 def _check_imagefolder(cfg) -> None:
-    _int_field(cfg, "img_size", required=True)
-    _in_chans(cfg)
+    _required(cfg, "img_size")
     _scan_imagefolder(cfg)
 
 
@@ -371,13 +358,11 @@ def _load_imagefolder(cfg) -> _Raw:
 
 
 def _check_synthetic(cfg) -> None:
-    for key in ("num_train", "num_val", "img_size", "num_classes"):
-        _int_field(cfg, key, required=True, minimum=2 if key == "num_classes" else 1)
-    _in_chans(cfg)
+    _required(cfg, "img_size")
 
 
 def _load_synthetic(cfg) -> _Raw:
-    generator = torch.Generator().manual_seed(int(cfg.get("seed", 0)))
+    generator = torch.Generator().manual_seed(int(cfg["seed"]))
     shape = (_in_chans(cfg), cfg.get("img_size"), cfg.get("img_size"))
     num_classes = cfg.get("num_classes")
 

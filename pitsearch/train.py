@@ -52,35 +52,20 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def _is_int(value: Any) -> bool:
-    """YAML `true` is a Python bool, and bool is an int subclass: `train.epochs=true` must not mean 1 epoch."""
-    return isinstance(value, int) and not isinstance(value, bool)
+def validate_train_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """Types, unknown keys, defaults and ranges are TrainConfig's (pitsearch.config.schema); checked here: what
+    needs torch or timm. Returns the full config."""
+    from pitsearch.config import checked
 
-
-def validate_train_config(cfg: Mapping[str, Any]) -> None:
-    for key in ("epochs", "batch_size", "eval_batch_size"):
-        if not _is_int(cfg.get(key)) or cfg[key] <= 0:
-            raise ConfigError(f"train.{key}", f"must be a positive integer, got {cfg.get(key)!r}")
-    seed = cfg.get("seed")
-    if not _is_int(seed) or not -2**63 <= seed < 2**64:   # the range torch.manual_seed accepts
-        raise ConfigError("train.seed", f"must be an integer (64-bit), got {seed!r}")
-    for key in ("lr", "weight_decay", "warmup_epochs", "label_smoothing", "grad_clip", "min_lr", "warmup_lr"):
-        value = cfg.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or not math.isfinite(value):
-            raise ConfigError(f"train.{key}", f"must be a finite number >= 0, got {value!r}")
-    if cfg["lr"] <= 0:
-        raise ConfigError("train.lr", f"must be > 0, got {cfg['lr']!r}")
-    if not 0 <= cfg["label_smoothing"] < 1:
-        raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {cfg['label_smoothing']!r}")
-    if cfg.get("precision", "auto") not in ("auto", "bf16", "fp32"):
-        raise ConfigError("train.precision", f"unknown {cfg.get('precision')!r}; valid: auto, bf16, fp32")
-    if cfg.get("threads") is not None and (not _is_int(cfg["threads"]) or cfg["threads"] <= 0):
-        raise ConfigError("train.threads", f"must be a positive integer or null, got {cfg['threads']!r}")
+    cfg = checked("train", cfg)
+    if not -2**63 <= cfg["seed"] < 2**64:   # the range torch.manual_seed accepts
+        raise ConfigError("train.seed", f"must be an integer (64-bit), got {cfg['seed']!r}")
     from timm.optim import list_optimizers
 
-    if str(cfg.get("opt")).lower() not in set(list_optimizers()):
-        raise ConfigError("train.opt", f"unknown optimizer {cfg.get('opt')!r}; timm knows e.g. adamw, adamp, lamb, sgd")
-    resolve_device(cfg.get("device"))
+    if str(cfg["opt"]).lower() not in set(list_optimizers()):
+        raise ConfigError("train.opt", f"unknown optimizer {cfg['opt']!r}; timm knows e.g. adamw, adamp, lamb, sgd")
+    resolve_device(cfg["device"])
+    return cfg
 
 
 def _synchronize(device: torch.device) -> None:

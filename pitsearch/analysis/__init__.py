@@ -8,7 +8,6 @@ defaults (everything off) it returns at once.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,73 +35,28 @@ ROBUSTNESS_KINDS = ("occlusion", "fgsm")
 
 
 def load_eval_defaults() -> dict[str, Any]:
-    """conf/eval/default.yaml, the one place the defaults live (also used when a config has no `eval` node)."""
-    import yaml
+    """EvalConfig's defaults (pitsearch.config.schema), also used when a config has no `eval` node."""
+    from pitsearch.config.schema import EvalConfig, defaults
 
-    from pitsearch.paths import CONF_DIR
-
-    return yaml.safe_load((CONF_DIR / "eval" / "default.yaml").read_text())
-
-
-def _as_dict(cfg: Any) -> dict[str, Any]:
-    if cfg is None:
-        return {}
-    from omegaconf import DictConfig, OmegaConf
-
-    if isinstance(cfg, DictConfig):
-        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-    if not isinstance(cfg, Mapping):
-        raise ConfigError("eval", f"must be a mapping, got {type(cfg).__name__}")
-    return dict(cfg)
+    return defaults(EvalConfig)
 
 
 def resolve_eval_config(cfg: Any) -> dict[str, Any]:
     """The defaults overlaid with `cfg` (dict, DictConfig or None), validated."""
-    resolved = {**load_eval_defaults(), **_as_dict(cfg)}
-    validate_eval_config(resolved)
-    return resolved
+    return validate_eval_config(cfg)
 
 
-def _number(cfg: Mapping[str, Any], key: str) -> float:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"eval.{key}", f"must be a finite number, got {value!r}")
-    return float(value)
+def validate_eval_config(cfg: Any) -> dict[str, Any]:
+    """Raise a one-line ConfigError naming `eval.<key>`; keys left out take their defaults. Types, unknown keys
+    and ranges are EvalConfig's (pitsearch.config.schema); the kinds of robustness are checked here. Returns the
+    full config."""
+    from pitsearch.config import checked
 
-
-def _positive_int(cfg: Mapping[str, Any], key: str) -> None:
-    value = cfg.get(key)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"eval.{key}", f"must be an integer >= 1, got {value!r}")
-
-
-def validate_eval_config(cfg: Any) -> None:
-    """Raise a one-line ConfigError naming `eval.<key>`; keys left out take their defaults."""
-    cfg = {**load_eval_defaults(), **_as_dict(cfg)}
-    unknown = sorted(set(cfg) - set(load_eval_defaults()))
-    if unknown:
-        raise ConfigError(f"eval.{unknown[0]}", f"unknown key; valid: {', '.join(load_eval_defaults())}")
-    if not isinstance(cfg["spatial"], bool):
-        raise ConfigError("eval.spatial", f"must be true or false, got {cfg['spatial']!r}")
-    _positive_int(cfg, "spatial_images")
-    _positive_int(cfg, "robustness_images")
-    threshold = _number(cfg, "spatial_threshold")
-    if not 0 < threshold < 1:
-        raise ConfigError("eval.spatial_threshold", f"must be in (0, 1), got {threshold!r}")
-    kinds = cfg["robustness"]
-    if kinds is None:
-        kinds = []
-    if isinstance(kinds, str) or not isinstance(kinds, (list, tuple)):
-        raise ConfigError("eval.robustness", f"must be a list of {', '.join(ROBUSTNESS_KINDS)} "
-                          f"(e.g. [occlusion, fgsm]), got {kinds!r}")
-    for kind in kinds:
+    cfg = checked("eval", cfg)
+    for kind in cfg["robustness"] or []:
         if kind not in ROBUSTNESS_KINDS:
             raise ConfigError("eval.robustness", f"unknown kind {kind!r}; valid: {', '.join(ROBUSTNESS_KINDS)}")
-    fraction = _number(cfg, "occlusion_fraction")
-    if not 0 <= fraction < 1:
-        raise ConfigError("eval.occlusion_fraction", f"must be in [0, 1), got {fraction!r}")
-    if _number(cfg, "fgsm_epsilon") < 0:
-        raise ConfigError("eval.fgsm_epsilon", f"must be >= 0 (0..255 pixel units), got {cfg['fgsm_epsilon']!r}")
+    return cfg
 
 
 def metric_names(eval_cfg: Any) -> list[str]:

@@ -102,10 +102,11 @@ class PoolingViT(nn.Module):
 
     num_prefix_tokens = NUM_CLS_TOKENS
 
-    def __init__(self, depths: Sequence[int], heads: Sequence[int], head_dims: Sequence[int], patch_size: int = 16,
-                 stride: int = 8, pool: str = "conv", mlp_ratio: float = 4.0, drop_path: float = 0.0,
-                 drop_rate: float = 0.0, cls_pos_embed: bool = False, img_size: int = 224, in_chans: int = 3,
-                 num_classes: int = 1000):
+    # No defaults here: build_model passes every key, resolved against ModelConfig (pitsearch.config.schema), the
+    # one place they are written.
+    def __init__(self, depths: Sequence[int], heads: Sequence[int], head_dims: Sequence[int], patch_size: int,
+                 stride: int, pool: str, mlp_ratio: float, drop_path: float, drop_rate: float, cls_pos_embed: bool,
+                 img_size: int, in_chans: int, num_classes: int):
         super().__init__()
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
         self.pool_type = pool

@@ -1,5 +1,6 @@
-"""Model configs: named presets (conf/model/NAME.yaml, the single source of their numbers), resolution of a
-preset / dict / DictConfig plus overrides into one full dict, and validation that names the offending field.
+"""Model configs: named presets (conf/model/NAME.yaml, the single source of their numbers; every other key's
+default is ModelConfig's in pitsearch.config.schema), resolution of a preset / dict / DictConfig plus overrides
+into one full dict, and validation that names the offending field.
 
 Validation runs before anything is built, so a bad sweep point fails in microseconds with one line such as
 `model.heads: has 2 entries but model.depths has 3 (one per stage)`.
@@ -7,38 +8,22 @@ Validation runs before anything is built, so a bad sweep point fails in microsec
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
+from pitsearch.config.schema import IMAGENET_SHAPE, ModelConfig, field_names, required_keys
 from pitsearch.errors import ConfigError
 from pitsearch.paths import MODEL_CONF_DIR
 
+# Every key, type and default is ModelConfig's (pitsearch.config.schema); a preset sets what differs.
+MODEL_KEYS = tuple(field_names(ModelConfig))
 # Keys without which no architecture is defined; a preset or dict must give them.
-REQUIRED_KEYS = ("depths", "heads", "head_dims", "patch_size", "stride", "pool")
-# Keys that may be left out of a dict config (every preset file still spells them all out).
-OPTIONAL_DEFAULTS: dict[str, Any] = {
-    "name": None,
-    "mlp_ratio": 4.0,
-    "drop_path": 0.0,
-    "drop_rate": 0.0,
-    "cls_pos_embed": False,
-    "img_size": None,
-    "in_chans": None,
-    "num_classes": None,
-    "pretrained": False,
-    "timm_name": None,
-}
+REQUIRED_KEYS = tuple(required_keys(ModelConfig))
 # null means "filled from the data config"; without one (profiling, tests) the ImageNet shape is assumed.
-DATA_SHAPE_DEFAULTS = {"img_size": 224, "in_chans": 3, "num_classes": 1000}
-# Every key, in the order of the preset files.
-MODEL_KEYS = ("name", "depths", "heads", "head_dims", "patch_size", "stride", "pool", "mlp_ratio", "drop_path",
-              "drop_rate", "cls_pos_embed", "img_size", "in_chans", "num_classes", "pretrained", "timm_name")
+DATA_SHAPE_DEFAULTS = IMAGENET_SHAPE
 # The keys PoolingViT takes; the rest (name, pretrained, timm_name) steer build_model.
-ARCH_KEYS = ("depths", "heads", "head_dims", "patch_size", "stride", "pool", "mlp_ratio", "drop_path", "drop_rate",
-             "cls_pos_embed", "img_size", "in_chans", "num_classes")
+ARCH_KEYS = tuple(key for key in MODEL_KEYS if key not in ("name", "pretrained", "timm_name"))
 STAGE_LIST_KEYS = ("depths", "heads", "head_dims")
-POSITIVE_INT_KEYS = ("patch_size", "stride", "img_size", "in_chans", "num_classes")
 
 
 def list_presets() -> list[str]:
@@ -47,6 +32,7 @@ def list_presets() -> list[str]:
 
 
 def load_preset(name: str) -> dict[str, Any]:
+    """conf/model/NAME.yaml as it is written (the keys it sets; `_complete` adds the schema's defaults)."""
     from omegaconf import OmegaConf  # OmegaConf's YAML loader, so presets parse exactly as Hydra reads them
 
     path = MODEL_CONF_DIR / f"{name}.yaml"
@@ -67,45 +53,27 @@ def _as_plain_dict(config: Any) -> dict[str, Any]:
     raise ConfigError("model", f"expected a preset name or a mapping, got {type(config).__name__}")
 
 
-def _plain_value(value: Any) -> Any:
-    """ListConfig / tuple -> list, so configs from Hydra, the CLI and Python compare and serialise alike."""
-    from omegaconf import ListConfig, OmegaConf
-
-    if isinstance(value, ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
-    return list(value) if isinstance(value, tuple) else value
-
-
 def _complete(config: Any, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Preset/dict + overrides -> dict with every key present and data-shape nulls filled; rejects unknown or
-    missing keys (a typo such as `model.dept=3` would otherwise be silently ignored)."""
-    merged = {**OPTIONAL_DEFAULTS, **_as_plain_dict(config), **dict(overrides or {})}
-    for key in merged:
-        if key not in MODEL_KEYS:
-            raise ConfigError(f"model.{key}", f"unknown key; valid keys: {', '.join(MODEL_KEYS)}")
+    """Preset/dict + overrides -> dict with every key present and data-shape nulls filled. Types, unknown keys
+    (a typo such as `model.dept=3` would otherwise be silently ignored) and ranges: ModelConfig's."""
+    from pitsearch.config import checked
+
+    merged = checked("model", {**_as_plain_dict(config), **dict(overrides or {})})
     for key in REQUIRED_KEYS:
-        if merged.get(key) is None:
+        if merged[key] is None:
             raise ConfigError(f"model.{key}", "is required")
     for key, default in DATA_SHAPE_DEFAULTS.items():
         if merged[key] is None:
             merged[key] = default
-    return {key: _plain_value(merged[key]) for key in MODEL_KEYS}
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    return merged
 
 
 def _check_stage_lists(cfg: dict[str, Any]) -> None:
     for key in STAGE_LIST_KEYS:
         values = cfg[key]
-        if not isinstance(values, list) or not values:
+        if not values:
             raise ConfigError(f"model.{key}", f"expected a non-empty list (one entry per stage), got {values!r}")
-        if not all(_is_int(v) and v > 0 for v in values):
+        if not all(v > 0 for v in values):
             raise ConfigError(f"model.{key}", f"every entry must be a positive integer, got {values}")
     num_stages = len(cfg["depths"])
     for key in ("heads", "head_dims"):
@@ -115,20 +83,6 @@ def _check_stage_lists(cfg: dict[str, Any]) -> None:
 
 
 def _check_scalars(cfg: dict[str, Any]) -> None:
-    for key in POSITIVE_INT_KEYS:
-        if not (_is_int(cfg[key]) and cfg[key] > 0):
-            raise ConfigError(f"model.{key}", f"must be a positive integer, got {cfg[key]!r}")
-    if not (_is_number(cfg["mlp_ratio"]) and cfg["mlp_ratio"] > 0):
-        raise ConfigError("model.mlp_ratio", f"must be a number > 0, got {cfg['mlp_ratio']!r}")
-    for key in ("drop_path", "drop_rate"):
-        if not (_is_number(cfg[key]) and 0 <= cfg[key] < 1):
-            raise ConfigError(f"model.{key}", f"must be a number in [0, 1), got {cfg[key]!r}")
-    for key in ("cls_pos_embed", "pretrained"):
-        if not isinstance(cfg[key], bool):
-            raise ConfigError(f"model.{key}", f"must be true or false, got {cfg[key]!r}")
-    for key in ("name", "timm_name"):
-        if cfg[key] is not None and not isinstance(cfg[key], str):
-            raise ConfigError(f"model.{key}", f"must be a string or null, got {cfg[key]!r}")
     if cfg["pretrained"] and not cfg["timm_name"]:
         raise ConfigError("model.pretrained", "true needs model.timm_name (the timm model whose weights to load)")
 

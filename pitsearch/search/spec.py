@@ -1,4 +1,9 @@
-"""The `sweep:` node of a sweep file, parsed and checked before any study or run exists."""
+"""The `sweep:` node of a sweep file, parsed and checked before any study or run exists.
+
+Its keys, types, defaults and ranges are SweepConfig's (pitsearch.config.schema); checked here is what no type
+says: the study name as a folder, the search space, samplers and pruners with their kwargs, adaptive seeds,
+the baseline and compute matching.
+"""
 
 from __future__ import annotations
 
@@ -9,30 +14,6 @@ from typing import Any, Mapping
 
 from pitsearch.errors import ConfigError
 
-SWEEP_KEYS = {
-    "study_name": "name of the Optuna study (and the MLflow parent run)",
-    "objectives": "list of {metric, direction}",
-    "sampler": "{name: grid|tpe|random|nsga2|gp|bruteforce, ...kwargs}",
-    "pruner": "{name: none|median|percentile|hyperband|successive_halving|threshold, ...kwargs}",
-    "n_trials": "total finished (complete + pruned) trials across all invocations; null = grid size",
-    "storage": "null (journal file in output_dir), a journal file path, or an Optuna storage URL",
-    "n_workers": "worker processes on this machine when training on the CPU",
-    "gpus": "GPU indices to use (null = every visible GPU)",
-    "trials_per_gpu": "workers sharing each GPU (packing small trials)",
-    "seeds": "list of seeds (an axis of the search space, train.seed), or {min, max, min_effect, alpha, start}: "
-             "seeds added per variant until its comparison with the baseline is decided (grid sampler)",
-    "space": "the search space: {config.path: {choices|low/high/step/log/type, when}}",
-    "budget": "{max_macs, max_params}: configs over budget fail without training",
-    "baseline": "{config.path: value} the variant that reports compare against",
-    "match": "{on: macs|params, reference: {model.KEY: value}, adjust: knob or list, tolerance}: every other "
-             "variant's model re-sized to the reference's cost before it trains (pitsearch.search.match)",
-    "output_dir": "where the journal, logs and reports go; null = <cwd>/pitsearch-sweeps/<study_name>",
-    "max_failures": "stop after this many failed trials in one invocation; null = max(10, n_trials)",
-    "report": "write the report when the sweep ends (true/false)",
-    "retry_timeout_s": "seconds a worker waits out a lost database / MLflow server before failing its trial",
-    "heartbeat_interval_s": "database storages: seconds between a running trial's heartbeats; a trial silent "
-                            "for twice as long is failed and queued again",
-}
 STATIC_METRICS = ("macs", "params")  # objectives known before training
 
 
@@ -71,14 +52,14 @@ class SweepSpec:
 def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path | None = None) -> SweepSpec:
     """Validate the whole `sweep:` node; every error names its key (e.g. `sweep.sampler.name`)."""
     from pitsearch.search.match import parse_match
+    from pitsearch.config import checked, plain
     from pitsearch.search.space import parse_space
     from pitsearch.search.study import make_pruner, make_sampler, parse_objectives
 
     if not isinstance(node, Mapping):
         raise ConfigError("sweep", "must be a mapping (did the sweep file forget `sweep:`?)")
-    unknown = sorted(set(node) - set(SWEEP_KEYS))
-    if unknown:
-        raise ConfigError(f"sweep.{unknown[0]}", f"unknown key; valid: {', '.join(SWEEP_KEYS)}")
+    given = plain(node)
+    node = checked("sweep", given)   # types, unknown keys, ranges; every default filled in
     study_name = node.get("study_name")
     if not isinstance(study_name, str) or not study_name.strip() or study_name == "???":
         raise ConfigError("sweep.study_name", "must be set to a non-empty string")
@@ -94,15 +75,15 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     if adaptive is not None:
         seeds = adaptive.seeds   # the seed axis holds every seed a round may open; the rounds say which run
     if seeds is not None and (not isinstance(seeds, (list, tuple)) or not seeds
-                              or not all(isinstance(s, int) for s in seeds)):
+                              or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)):
         raise ConfigError("sweep.seeds", f"must be a non-empty list of integers, got {seeds!r}")
-    space = parse_space(node.get("space") or {}, seeds=list(seeds) if seeds else None, known_paths=known_paths)
-    sampler_cfg = _named(node.get("sampler") or {"name": "tpe"}, "sampler")
-    pruner_cfg = _named(node.get("pruner") or {"name": "none"}, "pruner")
+    space = parse_space(node["space"] or {}, seeds=list(seeds) if seeds else None, known_paths=known_paths)
+    sampler_cfg = _named(node["sampler"], "sampler")
+    pruner_cfg = _named(node["pruner"], "pruner")
     make_sampler(sampler_cfg, space, len(objectives))  # built here only to surface config errors early
     make_pruner(pruner_cfg, len(objectives))
 
-    n_trials = node.get("n_trials")
+    n_trials = node["n_trials"]
     if adaptive is not None and (sampler_cfg["name"] != "grid" or n_trials is not None):
         raise ConfigError("sweep.seeds", "the adaptive form {min, max, ...} needs `sampler: {name: grid}` and no "
                                          "sweep.n_trials (the rounds decide which cells run)")
@@ -110,51 +91,30 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
         if sampler_cfg["name"] not in ("grid", "bruteforce"):
             raise ConfigError("sweep.n_trials", f"is required with the {sampler_cfg['name']} sampler")
         n_trials = space.grid_size
-    if not isinstance(n_trials, int) or n_trials <= 0:
-        raise ConfigError("sweep.n_trials", f"must be a positive integer, got {n_trials!r}")
-    n_workers = node.get("n_workers", 1)
-    if not isinstance(n_workers, int) or n_workers <= 0:
-        raise ConfigError("sweep.n_workers", f"must be a positive integer, got {n_workers!r}")
-    gpus = node.get("gpus")
-    if gpus is not None and (not isinstance(gpus, (list, tuple)) or not gpus
-                             or not all(isinstance(g, int) and g >= 0 for g in gpus)):
+    gpus = node["gpus"]
+    if gpus is not None and (not gpus or not all(g >= 0 for g in gpus)):
         raise ConfigError("sweep.gpus", f"must be null or a non-empty list of GPU indices, got {gpus!r}")
-    trials_per_gpu = node.get("trials_per_gpu", 1)
-    if not isinstance(trials_per_gpu, int) or trials_per_gpu <= 0:
-        raise ConfigError("sweep.trials_per_gpu", f"must be a positive integer, got {trials_per_gpu!r}")
-    budget = dict(node.get("budget") or {})
-    for key, value in budget.items():
-        if key not in ("max_macs", "max_params"):
-            raise ConfigError(f"sweep.budget.{key}", "unknown key; valid: max_macs, max_params")
-        if value is not None and (not isinstance(value, (int, float)) or value <= 0):
-            raise ConfigError(f"sweep.budget.{key}", f"must be a positive number or null, got {value!r}")
-    baseline = dict(node.get("baseline") or {})
+    # Budgets as given (2.0e+7 or 20000000), so the parent run's params read as the sweep file wrote them.
+    budget = {**node["budget"], **(given.get("budget") or {})}
+    baseline = dict(node["baseline"])
     for path in baseline:
         if path not in space.names:
             raise ConfigError(f"sweep.baseline.{path}", f"is not a swept parameter; swept: {', '.join(space.names)}")
     if adaptive is not None:
         _check_adaptive_baseline(space, baseline)
-    match = parse_match(node.get("match"), space.names, known_paths)
-    max_failures = node.get("max_failures") or max(10, n_trials)
-    if not isinstance(max_failures, int) or max_failures <= 0:
-        raise ConfigError("sweep.max_failures", f"must be a positive integer, got {max_failures!r}")
-    retry_timeout_s = node.get("retry_timeout_s", 60)
-    if isinstance(retry_timeout_s, bool) or not isinstance(retry_timeout_s, (int, float)) or retry_timeout_s < 0:
-        raise ConfigError("sweep.retry_timeout_s", f"must be a number of seconds >= 0, got {retry_timeout_s!r}")
-    heartbeat_interval_s = node.get("heartbeat_interval_s", 60)
-    if isinstance(heartbeat_interval_s, bool) or not isinstance(heartbeat_interval_s, int) or heartbeat_interval_s < 1:
-        raise ConfigError("sweep.heartbeat_interval_s", f"must be a whole number of seconds >= 1, "
-                                                        f"got {heartbeat_interval_s!r}")
+    match = parse_match(node["match"], space.names, known_paths)
+    max_failures = node["max_failures"] or max(10, n_trials)
     base = Path(base_dir or os.getcwd()).resolve()
-    output_dir = Path(node.get("output_dir") or base / "pitsearch-sweeps" / study_name)
+    output_dir = Path(node["output_dir"] or base / "pitsearch-sweeps" / study_name)
     output_dir = output_dir if output_dir.is_absolute() else (base / output_dir).resolve()
     return SweepSpec(study_name=study_name, objectives=objectives, sampler=sampler_cfg, pruner=pruner_cfg,
-                     n_trials=n_trials, storage=node.get("storage"), n_workers=n_workers, space=space,
+                     n_trials=n_trials, storage=node["storage"], n_workers=node["n_workers"], space=space,
                      output_dir=output_dir, budget=budget, baseline=baseline, max_failures=max_failures,
-                     report=bool(node.get("report", True)), match=match,
-                     raw={**node, **({"match": match.as_node()} if match is not None else {})},
-                     gpus=list(gpus) if gpus is not None else None, trials_per_gpu=trials_per_gpu,
-                     retry_timeout_s=float(retry_timeout_s), heartbeat_interval_s=heartbeat_interval_s,
+                     report=node["report"], match=match,
+                     raw={**node, **given, **({"match": match.as_node()} if match is not None else {})},
+                     gpus=list(gpus) if gpus is not None else None, trials_per_gpu=node["trials_per_gpu"],
+                     retry_timeout_s=float(node["retry_timeout_s"]),
+                     heartbeat_interval_s=node["heartbeat_interval_s"],
                      adaptive=adaptive)
 
 
