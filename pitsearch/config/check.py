@@ -232,10 +232,11 @@ def _check_limits(schema: type, plain: Mapping[str, Any], prefix: str) -> None:
             continue
         if value is None or not limits:
             continue
+        # The value has its type here: shown as Python shows it (got 0, got 'x'), like every range check.
         if "choices" in limits and value not in limits["choices"]:
-            raise ConfigError(field, f"must be {_describe(hint, limits)}, got {_text(value)!r}")
+            raise ConfigError(field, f"must be {_describe(hint, limits)}, got {value!r}")
         if isinstance(value, (int, float)) and not _within(value, limits):
-            raise ConfigError(field, f"must be {_describe(hint, limits)}, got {_text(value)!r}")
+            raise ConfigError(field, f"must be {_describe(hint, limits)}, got {value!r}")
 
 
 def _within(value: float, limits: Mapping[str, Any]) -> bool:
