@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from pitsearch.errors import ConfigError
 from pitsearch.retry import ServiceUnavailable
@@ -128,6 +128,18 @@ def run_tags(cfg: Mapping[str, Any], dataset) -> dict[str, Any]:
     }
 
 
+@dataclass
+class RunRequest:
+    """One run to make: a prepared model and how its MLflow run is named, tagged and told about."""
+
+    prepared: Prepared
+    run_name: str | None = None
+    tags: Mapping[str, Any] | None = None
+    callbacks: Sequence[EpochCallback] = ()
+    on_run_started: Callable[[str], None] | None = None   # a sweep records the run id before training
+    params: Mapping[str, Any] | None = None               # logged beside the config's (a sweep's `matched.*`)
+
+
 def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, parent_run_id: str | None = None,
                    run_name: str | None = None, tags: Mapping[str, Any] | None = None,
                    callbacks: Iterable[EpochCallback] = (), console=None,
@@ -139,52 +151,115 @@ def run_experiment(cfg: Any, *, prepared: Prepared | None = None, tracker=None, 
     `on_run_started(run_id)` lets a sweep record the MLflow run before training, so a run whose worker is
     killed can still be found and closed later. `params`: logged beside the config's (a sweep's `matched.*`).
     """
+    request = RunRequest(prepared or prepare(cfg), run_name, tags, tuple(callbacks), on_run_started, params)
+    return _run([request], tracker, parent_run_id, console)[0]
+
+
+def run_packed_experiments(requests: Sequence[RunRequest], *, tracker=None,
+                           parent_run_id: str | None = None) -> list[ExperimentResult]:
+    """`run_experiment` for runs of one architecture and recipe trained together as one pack (pitsearch.packed):
+    each keeps its own MLflow run, curves, analyses and state. A member that is pruned, diverges or fails ends
+    alone; an error of the shared step (e.g. out of memory) fails every member still training."""
+    return _run(list(requests), tracker, parent_run_id, None)
+
+
+def _run(requests: list[RunRequest], tracker, parent_run_id: str | None, console) -> list[ExperimentResult]:
     from pitsearch.train import TrainResult, train_model
 
     started = time.perf_counter()
-    prepared = prepared or prepare(cfg)
-    cfg = prepared.cfg
-    result = ExperimentResult(state=RunState.FAILED, reason="not started", stats=prepared.stats, cfg=cfg)
-    run_id = None
+    results = [ExperimentResult(state=RunState.FAILED, reason="not started", stats=r.prepared.stats,
+                                cfg=r.prepared.cfg) for r in requests]
+    trains = [TrainResult() for _ in requests]
+    outcomes: list[Any] = []
+    try:
+        # Runs are opened inside the guarded block: a Ctrl-C while a config is being logged still ends them.
+        for request, result in zip(requests, results):
+            if tracker is not None:
+                _open_run(tracker, request, result, parent_run_id)
+        callbacks = [[_epoch_logger(tracker, result.run_id), *request.callbacks]
+                     for request, result in zip(requests, results)]
+        first = requests[0].prepared
+        if len(requests) == 1:
+            try:
+                outcomes = [train_model(first.model, first.dataset, first.cfg["train"], first.cfg["data"].get("aug"),
+                                        callbacks=callbacks[0], console=console, result=trains[0])]
+            except (StopRun, ServiceUnavailable, KeyboardInterrupt):
+                raise
+            except Exception as error:  # noqa: BLE001 - a failed run is recorded, not fatal to a sweep
+                outcomes = [error]
+        else:
+            from pitsearch.packed import train_packed
 
+            outcomes = train_packed([r.prepared.model for r in requests], first.dataset,
+                                    [r.prepared.cfg["train"] for r in requests], first.cfg["data"].get("aug"),
+                                    callbacks, results=trains)
+    except StopRun as stop:
+        outcomes = [stop]
+    except ServiceUnavailable:
+        raise   # a sweep gives the trials back (pitsearch.search.trial); a single run exits 3 (pitsearch.cli)
+    except KeyboardInterrupt:
+        _end_interrupted(tracker, results, trains)
+        raise
+    except Exception as error:  # noqa: BLE001 - the pack's shared step failed: every member with it
+        outcomes = [error] * len(requests)
+    ended = 0
+    try:
+        for request, result, train, outcome in zip(requests, results, trains, outcomes):
+            _settle(result, outcome, request.prepared, tracker)
+            result.wall_seconds = time.perf_counter() - started
+            _log_end(tracker, result.run_id, result, train)
+            ended += 1
+    except KeyboardInterrupt:   # during an analysis: the runs not yet ended are ended as interrupted
+        _end_interrupted(tracker, results[ended:], trains[ended:])
+        raise
+    return results
+
+
+def _end_interrupted(tracker, results: list[ExperimentResult], trains: list) -> None:
+    for result, train in zip(results, trains):
+        result.state, result.reason = RunState.FAILED, "interrupted (Ctrl-C)"
+        _log_end(tracker, result.run_id, result, train)
+
+
+def _open_run(tracker, request: RunRequest, result: ExperimentResult, parent_run_id: str | None) -> None:
+    cfg = request.prepared.cfg
+    result.run_id = tracker.start_run(run_name=request.run_name or cfg.get("tracking", {}).get("run_name"),
+                                      tags={**run_tags(cfg, request.prepared.dataset), **(request.tags or {})},
+                                      parent_run_id=parent_run_id)
+    if request.on_run_started is not None:
+        request.on_run_started(result.run_id)
+    _log_start(tracker, result.run_id, cfg, request.prepared.stats, request.params)
+
+
+def _epoch_logger(tracker, run_id: str | None) -> EpochCallback:
     def log_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if tracker is not None:
             tracker.log_metrics(run_id, {k: v for k, v in metrics.items() if math.isfinite(v)}, step=epoch)
 
-    train = TrainResult()
-    try:
-        # The run is opened inside the guarded block: a Ctrl-C while its config is being logged still ends it.
-        if tracker is not None:
-            all_tags = {**run_tags(cfg, prepared.dataset), **(tags or {})}
-            run_id = tracker.start_run(run_name=run_name or cfg.get("tracking", {}).get("run_name"),
-                                       tags=all_tags, parent_run_id=parent_run_id)
-            result.run_id = run_id
-            if on_run_started is not None:
-                on_run_started(run_id)
-            _log_start(tracker, run_id, cfg, prepared.stats, params)
-        train_model(prepared.model, prepared.dataset, cfg["train"], cfg["data"].get("aug"),
-                    callbacks=[log_epoch, *callbacks], console=console, result=train)
-        result.state, result.reason = RunState.COMPLETE, None
-        # Only trained-to-the-end models are analysed; an analysis error fails the run with its reason.
-        from pitsearch.analysis import run_analyses
+    return log_epoch
 
-        result.analysis = run_analyses(prepared.model, prepared.dataset, cfg.get("eval"), tracker=tracker,
-                                       run_id=run_id)
-    except StopRun as stop:
-        result.state, result.reason = stop.state, stop.reason
-    except ServiceUnavailable:
-        raise   # a sweep gives the trial back (pitsearch.search.trial); a single run exits 3 (pitsearch.cli)
-    except KeyboardInterrupt:
-        result.state, result.reason = RunState.FAILED, "interrupted (Ctrl-C)"
-        _log_end(tracker, run_id, result, train)
-        raise
-    except Exception as error:  # noqa: BLE001 - a failed run is recorded, not fatal to a sweep
-        result.state, result.reason = RunState.FAILED, f"{type(error).__name__}: {error}"
-        if _is_cuda_oom(error):
+
+def _settle(result: ExperimentResult, outcome: Any, prepared: Prepared, tracker) -> None:
+    """A run's state from how its training ended; a run trained to the end is analysed (an analysis error fails
+    it with its reason)."""
+    if isinstance(outcome, StopRun):
+        result.state, result.reason = outcome.state, outcome.reason
+        return
+    if isinstance(outcome, Exception):
+        result.state, result.reason = RunState.FAILED, f"{type(outcome).__name__}: {outcome}"
+        if _is_cuda_oom(outcome):
             _release_cuda_memory()
-    result.wall_seconds = time.perf_counter() - started
-    _log_end(tracker, run_id, result, train)
-    return result
+        return
+    from pitsearch.analysis import run_analyses
+
+    try:
+        result.analysis = run_analyses(prepared.model, prepared.dataset, prepared.cfg.get("eval"), tracker=tracker,
+                                       run_id=result.run_id)
+        result.state, result.reason = RunState.COMPLETE, None
+    except ServiceUnavailable:
+        raise
+    except Exception as error:  # noqa: BLE001
+        result.state, result.reason = RunState.FAILED, f"{type(error).__name__}: {error}"
 
 
 def _log_start(tracker, run_id: str, cfg: Mapping[str, Any], stats: Mapping[str, Any],

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pitsearch.packed_model import PackedAdamW, PackedModel, clip_grad_norm_per_member
+from pitsearch.retry import ServiceUnavailable
 from pitsearch.train import METRIC_KEYS, Diverged, EpochCallback, TrainResult, _autocast
 
 MEMBER_KEYS = ("seed", "lr", "weight_decay")  # train keys in which the members of one pack may differ
@@ -254,6 +255,8 @@ def train_packed(models: Sequence[nn.Module], dataset, train_cfgs: Sequence[Mapp
                     callback(epoch, metrics)
                 if not math.isfinite(train_losses[row]):
                     raise Diverged(f"train/loss is {train_losses[row]} at epoch {epoch}")
+            except ServiceUnavailable:
+                raise   # a lost server is the worker's to handle (pitsearch.search.pack), not this member's failure
             except Exception as error:  # noqa: BLE001 - StopRun, Diverged or a failing callback end this member only
                 outcomes[m] = error
                 leaving.append(row)

@@ -115,7 +115,8 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
     from timm.optim import create_optimizer_v2
     from timm.scheduler import CosineLRScheduler
 
-    from pitsearch.data import BatchAugment, batch_indices
+    from pitsearch.augment import BatchAugment
+    from pitsearch.data import batch_indices
 
     # A 1-epoch run is all warmup; timm then warns that the cosine part is empty, which is expected here.
     logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)

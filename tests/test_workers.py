@@ -21,16 +21,18 @@ def test_in_process_trials_keep_nothing_of_the_previous_trial(compose, tmp_path,
     create_study(cfg, tmp_path)
     previous: list[weakref.ref] = []
     alive_at_next_trial: list[bool] = []
-    real_run = experiment.run_experiment
+    real_run = experiment.run_packed_experiments
 
-    def watched_run(*args, prepared=None, **kwargs):
+    def watched_run(requests, **kwargs):
         gc.collect()
         alive_at_next_trial.extend(ref() is not None for ref in previous)
         previous.clear()
-        previous.extend([weakref.ref(prepared.model), weakref.ref(next(prepared.model.parameters()))])
-        return real_run(*args, prepared=prepared, **kwargs)
+        model = requests[0].prepared.model
+        previous.extend([weakref.ref(model), weakref.ref(next(model.parameters()))])
+        del model
+        return real_run(requests, **kwargs)
 
-    monkeypatch.setattr(experiment, "run_experiment", watched_run)
+    monkeypatch.setattr(experiment, "run_packed_experiments", watched_run)
     counts = run_worker(ctx, emit=lambda line: None)
     assert counts["COMPLETE"] == 6
     assert alive_at_next_trial and not any(alive_at_next_trial)

@@ -201,6 +201,7 @@ class SweepConfig:
     n_workers: int = knob(1, ge=1)          # worker processes on this machine when training on the CPU
     gpus: Optional[List[int]] = None        # CUDA: GPU indices to use; null = every visible GPU
     trials_per_gpu: int = knob(1, ge=1)     # CUDA: workers per GPU, packing small trials onto one device
+    pack: Any = "off"                       # off | auto | N: cells of one variant trained as one model (search/pack)
     seeds: Any = None                       # [0, 1, 2]: an axis (train.seed); {min, max, min_effect, alpha, start}: adaptive
     space: Any = knob(factory=dict)         # {config.path: {choices | low/high/step/log/type, when}}
     budget: BudgetConfig = knob(factory=BudgetConfig)

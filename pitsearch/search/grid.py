@@ -146,20 +146,22 @@ def grid_complete(state: GridState, n_trials: int) -> bool:
 
 
 def next_grid_trial(study: optuna.Study, space: SearchSpace, seed: int | None, n_trials: int,
-                    lock_path: Path | None, offset: int = 0, opened: Opened = None) -> optuna.Trial | None:
+                    lock_path: Path | None, offset: int = 0, opened: Opened = None,
+                    accept: Callable[[frozenset], bool] | None = None) -> optuna.Trial | None:
     """The next trial for a worker to run: a queued trial (a retry, or a cell queued by another worker), else
     a pending cell (the `offset`-th, so that machines queueing at once mostly pick different cells); None when
-    nothing is left to start in this run (failed cells wait for the next run)."""
+    nothing is left to start in this run (failed cells wait for the next run). `accept`: only cells it accepts
+    (the other members of a pack, pitsearch.search.pack)."""
     with _local_lock(lock_path):
         state = grid_state(study, space, seed, opened)
-        trial = _pop(study, state)
+        trial = _pop(study, state, accept)
         if trial is not None:
             return trial
-        pending = state.pending
+        pending = [cell for cell in state.pending if accept is None or accept(cell)]
         if not pending or state.done + len(state.busy) >= n_trials:
             return None
         state = _queue(study, space, seed, state.params[pending[offset % len(pending)]], {}, opened)
-        return _pop(study, state)   # this cell, or an older queued trial of another machine
+        return _pop(study, state, accept)   # this cell, or an older queued trial of another machine
 
 
 def requeue_failed(study: optuna.Study, space: SearchSpace, seed: int | None = None,
@@ -200,11 +202,12 @@ def _close_duplicate(study: optuna.Study, trial: FrozenTrial) -> None:
         pass
 
 
-def _pop(study: optuna.Study, state: GridState) -> optuna.Trial | None:
+def _pop(study: optuna.Study, state: GridState,
+         accept: Callable[[frozenset], bool] | None = None) -> optuna.Trial | None:
     """WAITING -> RUNNING on the first live queued trial whose cell has attempts left: atomic in the storage, so
     of two workers popping the same trial one wins and the other moves on (as `Study.ask` pops)."""
     for cell, queued in state.queued:
-        if not state.retryable(cell):
+        if not state.retryable(cell) or (accept is not None and not accept(cell)):
             continue
         try:
             if study._storage.set_trial_state_values(queued._trial_id, state=TrialState.RUNNING):

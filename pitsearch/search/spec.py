@@ -35,6 +35,7 @@ class SweepSpec:
     report: bool = True
     gpus: list[int] | None = None
     trials_per_gpu: int = 1
+    pack: Any = "off"               # "off", "auto" or a positive int (pitsearch.search.pack)
     retry_timeout_s: float = 60.0
     heartbeat_interval_s: int = 60
     adaptive: Any = None            # pitsearch.search.rounds.AdaptiveSeeds: `sweep.seeds` in its dict form
@@ -115,7 +116,18 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
                      gpus=list(gpus) if gpus is not None else None, trials_per_gpu=node["trials_per_gpu"],
                      retry_timeout_s=float(node["retry_timeout_s"]),
                      heartbeat_interval_s=node["heartbeat_interval_s"],
-                     adaptive=adaptive)
+                     adaptive=adaptive, pack=_pack(node["pack"]))
+
+
+def _pack(value: Any) -> Any:
+    """`sweep.pack`: off, auto or a positive integer (members per pack at most)."""
+    if value in ("off", "auto"):
+        return value
+    if value is False or value is None:
+        return "off"
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError("sweep.pack", f"must be off, auto or a positive integer, got {value!r}")
+    return "off" if value == 1 else value
 
 
 ADAPTIVE_KEYS = ("min", "max", "min_effect", "alpha", "start")

@@ -16,6 +16,7 @@ Run states are `pitsearch.runstate.RunState`; the table from it to Optuna's and 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import time
@@ -63,71 +64,127 @@ class TrialRun:
     emit: Callable[[str], None] = print
 
 
-def run_trial(trial, study, run: TrialRun) -> str:
-    """Run `trial` (already asked) to its end and tell the study; returns the Optuna state's name.
+@dataclass
+class _Member:
+    """One trial on its way through `run_trials`."""
 
-    Raises KeyboardInterrupt (after marking the trial FAIL and queueing it again) and `WorkerAbort` (a server
-    lost for good, with the line that says what was recorded where)."""
-    import optuna
+    trial: Any
+    values: dict[str, Any]
+    variant: str
+    tags: dict[str, Any]
+    run_name: str
+    run_id: str | None = None
+    prepared: Any = None
+    matcher: Any = None
+    stats: dict[str, Any] | None = None
+    seed: Any = None
+    result: Any = None
+    state: RunState | None = None
+    reason: str | None = None
+    frozen: Any = None          # the told trial
+    taken: bool = False         # another worker failed it meanwhile (missed heartbeats)
 
-    spec, ctx, tracker = run.spec, run.ctx, run.tracker
+    def run_started(self, run_id: str) -> None:
+        self.run_id = run_id
+        self.trial.set_user_attr("mlflow_run_id", run_id)
+
+
+def run_trials(trials: list, study, run: TrialRun) -> list[str]:
+    """Run `trials` (already asked: one, or a pack of one architecture, pitsearch.search.pack) to their end and
+    tell the study; returns each trial's Optuna state name (FAIL for one another worker took over).
+
+    Raises KeyboardInterrupt (after marking the trials still running FAIL and queueing them again) and
+    `WorkerAbort` (a server lost for good, with the line that says what was recorded where)."""
     started = time.perf_counter()
+    members = [_member(trial, run) for trial in trials]
+    try:
+        with contextlib.ExitStack() as heartbeats:
+            for member in members:
+                heartbeats.enter_context(TrialHeartbeat(study, member.trial._trial_id))
+            for member in members:
+                with _taken_by_another_worker(member, run):
+                    member.trial.set_user_attr("variant", member.variant)
+                    try:
+                        member.prepared, member.matcher = _prepare(member.trial, run, member.values, member.variant,
+                                                                   member.tags)
+                        member.stats, member.seed = member.prepared.stats, member.prepared.cfg["train"]["seed"]
+                    except ConfigError as error:   # cannot or must not train: failed with its reason, in MLflow too
+                        member.run_id = _record_untrained(member.trial, run, member.run_name, member.tags, str(error))
+                        member.state, member.reason = RunState.FAILED, str(error)
+            _train([m for m in members if m.prepared is not None and not m.taken], run)
+            for member in (m for m in members if not m.taken):
+                with _taken_by_another_worker(member, run):
+                    _record(member.trial, member.state, member.reason, member.result, time.perf_counter() - started)
+                    member.frozen = tell(study, member.trial, state=member.state.trial_state,
+                                         values=(_objective_values(run.spec, member.result, member.stats)
+                                                 if member.state == RunState.COMPLETE else None))
+    except KeyboardInterrupt:
+        for member in members:
+            if member.frozen is None and not member.taken:
+                member.trial.set_user_attr("fail_reason", INTERRUPTED)
+                frozen = tell(study, member.trial, state=RunState.FAILED.trial_state)
+                RetryStaleTrialCallback(max_retry=None)(study, frozen)
+                run.emit(f"trial {member.trial.number:4d} interrupted: marked FAIL and queued to run again on resume")
+        raise
+    except ServiceUnavailable as error:
+        lines = [_abandon(m.trial, m.run_id, study, run, error) for m in members if m.frozen is None and not m.taken]
+        raise WorkerAbort("; ".join(lines) or f"worker {run.ctx.worker_index}: {error}") from error
+    states = []
+    for member in members:
+        if member.taken:
+            states.append(RunState.FAILED.trial_state_name)
+            continue
+        if run.tracker is not None and member.run_id:
+            run.tracker.set_tags(member.run_id, {"trial_state": member.frozen.state.name})
+        run.emit(_result_line(member.trial, member.frozen.state.name, member.variant, member.seed, run.spec,
+                              member.result, member.stats, member.reason, time.perf_counter() - started)
+                 + (f"  (pack of {len(members)})" if len(members) > 1 else ""))
+        states.append(member.frozen.state.name)
+    return states
+
+
+def _member(trial, run: TrialRun) -> _Member:
+    spec = run.spec
     mark_worker(trial)   # lets a later run tell a dead worker's trial from a live one
     values = spec.space.suggest(trial, seed_range=run.seed_range)
     variant = spec.space.variant_key(values)
     tags = {"sweep": spec.study_name, "trial_number": trial.number, "variant": variant,
             **{path: _tag_value(value) for path, value in values.items()}}
-    run_name = f"{spec.study_name}-{trial.number:04d}"
-    run_id: str | None = None
-    seed = result = stats = None
+    return _Member(trial, values, variant, tags, run_name=f"{spec.study_name}-{trial.number:04d}")
+
+
+def _train(members: list[_Member], run: TrialRun) -> None:
+    """One run, or a pack trained as one model; each member gets its result and state."""
+    if not members:
+        return
+    from pitsearch.experiment import RunRequest, run_packed_experiments
+
+    requests = [RunRequest(m.prepared, run_name=m.run_name, tags=m.tags,
+                           callbacks=[_pruning_callback(m.trial, run.spec)], on_run_started=m.run_started,
+                           params=m.matcher.params() if m.matcher else None) for m in members]
     try:
-        with TrialHeartbeat(study, trial._trial_id):
-            trial.set_user_attr("variant", variant)
-            try:
-                prepared, matcher = _prepare(trial, run, values, variant, tags)
-            except ConfigError as error:   # cannot or must not train: failed with its reason, in MLflow too
-                run_id = _record_untrained(trial, run, run_name, tags, str(error))
-                state, reason = RunState.FAILED, str(error)
-            else:
-                stats, seed = prepared.stats, prepared.cfg["train"]["seed"]
+        results = run_packed_experiments(requests, tracker=run.tracker, parent_run_id=run.ctx.parent_run_id)
+    finally:
+        for member in members:
+            member.prepared = None   # nothing of a finished trial may stay alive in a long-lived worker
+        del requests
+        gc.collect()
+    for member, result in zip(members, results):
+        member.result, member.state, member.reason = result, result.state, result.reason
 
-                def run_started(new_run_id: str) -> None:
-                    nonlocal run_id
-                    run_id = new_run_id
-                    trial.set_user_attr("mlflow_run_id", new_run_id)
 
-                from pitsearch.experiment import run_experiment
+@contextlib.contextmanager
+def _taken_by_another_worker(member: _Member, run: TrialRun):
+    """Marks the member `taken` when a write to its trial finds it failed by another worker (its heartbeat
+    looked silent for longer than the grace period, and its cell is queued again: the copy runs elsewhere)."""
+    import optuna
 
-                try:
-                    result = run_experiment(prepared.cfg, prepared=prepared, tracker=tracker,
-                                            parent_run_id=ctx.parent_run_id, run_name=run_name, tags=tags,
-                                            callbacks=[_pruning_callback(trial, spec)], on_run_started=run_started,
-                                            params=matcher.params() if matcher else None)
-                finally:
-                    del prepared   # nothing of a finished trial may stay alive in a long-lived worker
-                    gc.collect()
-                state, reason = result.state, result.reason
-            _record(trial, state, reason, result, time.perf_counter() - started)
-            frozen = tell(study, trial, state=state.trial_state,
-                          values=_objective_values(spec, result, stats) if state == RunState.COMPLETE else None)
-    except KeyboardInterrupt:
-        trial.set_user_attr("fail_reason", INTERRUPTED)
-        RetryStaleTrialCallback(max_retry=None)(study, tell(study, trial, state=RunState.FAILED.trial_state))
-        run.emit(f"trial {trial.number:4d} interrupted: marked FAIL and queued to run again on resume")
-        raise
-    except ServiceUnavailable as error:
-        raise WorkerAbort(_abandon(trial, run_id, study, run, error)) from error
+    try:
+        yield
     except optuna.exceptions.UpdateFinishedTrialError:
-        # Another worker failed this trial while it ran (its heartbeat looked silent for longer than the grace
-        # period) and queued its cell again; the copy runs elsewhere.
-        run.emit(f"trial {trial.number:4d} was failed by another worker (missed heartbeats?); its cell is queued "
-                 "again")
-        return RunState.FAILED.trial_state_name
-    if tracker is not None and run_id:
-        tracker.set_tags(run_id, {"trial_state": frozen.state.name})
-    run.emit(_result_line(trial, frozen.state.name, variant, seed, spec, result, stats, reason,
-                          time.perf_counter() - started))
-    return frozen.state.name
+        member.taken = True
+        run.emit(f"trial {member.trial.number:4d} was failed by another worker (missed heartbeats?); its cell is "
+                 "queued again")
 
 
 def _prepare(trial, run: TrialRun, values: dict[str, Any], variant: str, tags: dict[str, Any]):
@@ -137,11 +194,10 @@ def _prepare(trial, run: TrialRun, values: dict[str, Any], variant: str, tags: d
     spec = run.spec
     cfg = run.ctx.composer.compose(spec.space.to_overrides(values) + run.ctx.extra_overrides)
     trial.set_user_attr("seed", cfg["train"]["seed"])
-    data_key = json.dumps([cfg["data"], cfg["train"].get("device")], sort_keys=True, default=str)
     # sweep.match: the model re-sized to the reference's cost once the data gave its shape
     matcher = TrialMatch(spec.match, variant) if spec.match is not None else None
-    prepared = prepare(cfg, dataset=run.datasets.get(data_key), adjust_model=matcher)
-    run.datasets[data_key] = prepared.dataset
+    prepared = prepare(cfg, dataset=run.datasets.get(_data_key(cfg)), adjust_model=matcher)
+    run.datasets[_data_key(cfg)] = prepared.dataset
     trial.set_user_attr("config", mask_secrets(prepared.cfg))
     trial.set_user_attr("macs", prepared.stats["macs"])
     trial.set_user_attr("params", prepared.stats["params"])
@@ -150,6 +206,22 @@ def _prepare(trial, run: TrialRun, values: dict[str, Any], variant: str, tags: d
         tags.update(matcher.tags())
     _check_budget(prepared.stats, spec.budget)
     return prepared, matcher
+
+
+def worker_dataset(cfg: dict[str, Any], run: TrialRun):
+    """The trial's data set, loaded once per worker (validated first)."""
+    from pitsearch.data import load_dataset, validate_data_config
+    from pitsearch.train import resolve_device
+
+    key = _data_key(cfg)
+    if key not in run.datasets:
+        validate_data_config(cfg["data"])
+        run.datasets[key] = load_dataset(cfg["data"], device=resolve_device(cfg["train"].get("device")))
+    return run.datasets[key]
+
+
+def _data_key(cfg: dict[str, Any]) -> str:
+    return json.dumps([cfg["data"], cfg["train"].get("device")], sort_keys=True, default=str)
 
 
 def _pruning_callback(trial, spec) -> Callable[[int, dict[str, float]], None]:

@@ -1,4 +1,4 @@
-"""A sweep worker: ask a trial, run it (pitsearch.search.trial.run_trial), repeat until the sweep is complete.
+"""A sweep worker: ask a trial (or a pack of them), run it (pitsearch.search.trial.run_trials), repeat until done.
 
 A worker is long-lived: imports, the CUDA context and the data upload are paid once, and trials run in-process
 one after another. Whatever goes wrong inside a trial (bad config, over budget, NaN, out of memory, any
@@ -21,7 +21,8 @@ from pitsearch.errors import ConfigError
 from pitsearch.masking import mask_url
 from pitsearch.retry import ServiceUnavailable
 from pitsearch.search.rounds import ROUND_POLL_S, round_may_open
-from pitsearch.search.trial import TrialRun, WorkerAbort, WorkerContext, run_trial
+from pitsearch.search.pack import pack_capacity, take_pack
+from pitsearch.search.trial import TrialRun, WorkerAbort, WorkerContext, run_trials
 
 
 def next_trial(study, spec):
@@ -70,6 +71,8 @@ def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=
         try:
             reap_dead_workers(study, tracker, emit)
             trial = next_trial(study, spec)
+            # sweep.pack: more cells of this trial's variant, trained with it as one model
+            trials = take_pack(study, run, trial, pack_capacity(trial, run)) if trial is not None else []
         except ServiceUnavailable as error:
             raise WorkerAbort(f"worker {ctx.worker_index}: {error}") from error
         if trial is None and round_may_open(study, spec):
@@ -77,8 +80,8 @@ def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=
             continue
         if trial is None:
             break
-        state = run_trial(trial, study, run)
-        counts[state] = counts.get(state, 0) + 1
+        for state in run_trials(trials, study, run):
+            counts[state] = counts.get(state, 0) + 1
     if counts["FAIL"] >= spec.max_failures:
         emit(f"worker {ctx.worker_index}: stopping after {counts['FAIL']} failed trials (sweep.max_failures)")
     return counts
