@@ -23,10 +23,12 @@ import logging
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
+
+from pitsearch.filelock import file_lock
 
 __all__ = ["Decoded", "load_or_build", "locked"]
 
@@ -84,23 +86,9 @@ def load_or_build(cache_dir: Path, prefix: str, key: Any, build: Callable[[], De
         return _read(npy, sidecar, digest) or decoded
 
 
-@contextlib.contextmanager
-def locked(path: Path, waiting: str = "") -> Iterator[None]:
-    """An exclusive flock on `path` (created if missing, never removed: removing it would let two holders hold
-    two different files). The kernel releases it when the process dies, so a killed holder blocks nobody."""
-    import fcntl
-
-    with open(path, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if waiting:
-                log.info(waiting)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def locked(path: Path, waiting: str = ""):
+    """An exclusive lock on `path` (pitsearch.filelock); `waiting` is logged when another process holds it."""
+    return file_lock(path, on_wait=(lambda: log.info(waiting)) if waiting else None)
 
 
 def _key_sha1(key: Any) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from pitsearch.errors import ConfigError
+from pitsearch.filelock import file_lock
 from pitsearch.retry import error_chain
 from pitsearch.urls import sqlite_path
 
@@ -152,19 +153,9 @@ def _read_only(path: Path) -> Iterator[sqlite3.Connection]:
 
 @contextmanager
 def _creation_lock(path: Path) -> Iterator[None]:
-    """An exclusive flock on `<db>.lock` (the lock file stays: removing it would let two lockers in)."""
-    try:
-        import fcntl
-    except ImportError:   # Windows: no flock; MLflow's own creation is then unguarded, as before
+    """An exclusive lock on `<db>.lock` (without flock, on Windows, MLflow's own creation is unguarded, as before)."""
+    with file_lock(path.with_name(path.name + ".lock")):
         yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _set_aside(path: Path) -> Path:

@@ -92,6 +92,18 @@ def test_sqlite_urls_are_parsed_in_one_place():
     assert slicing == ["urls.py"]
 
 
+def test_processes_lock_files_in_one_place():
+    """pitsearch.filelock is the one flock (the journal's own lock is Optuna's)."""
+    flocking = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")
+                      if "fcntl.flock(" in path.read_text())
+    assert flocking == ["filelock.py"]
+
+
+def test_the_sampler_and_pruner_are_built_by_parse_sweep_alone():
+    callers = sorted({a for a, _, names in IMPORTS if {"make_sampler", "make_pruner"} & set(names)})
+    assert callers == ["pitsearch.search.spec"]
+
+
 def test_the_journal_file_is_named_in_one_place():
     """Code names the journal file once (pitsearch.search.locations); help texts may show the path."""
     named = sorted(str(path.relative_to(PACKAGE)) for path in PACKAGE.rglob("*.py")

@@ -44,7 +44,7 @@ def _study(storage, sampler=None, name="s", directions=("maximize",)):
 
 def test_make_sampler_by_name(grid_space, range_space):
     assert isinstance(make_sampler({"name": "grid"}, grid_space, 1), optuna.samplers.GridSampler)
-    tpe = make_sampler({"name": "tpe", "n_startup_trials": 3, "seed": 5}, range_space, 1, worker_index=2)
+    tpe = make_sampler({"name": "tpe", "n_startup_trials": 3, "seed": 5}, range_space, 1)
     # A seeded sampler draws each trial with a seed of its own (TrialSeededSampler); `base` is the one built.
     assert isinstance(tpe.base, optuna.samplers.TPESampler) and tpe.base._n_startup_trials == 3
     assert isinstance(make_sampler({"name": "random"}, range_space, 2), optuna.samplers.RandomSampler)
@@ -179,7 +179,7 @@ def test_existing_study_with_other_directions(tmp_path):
 def test_grid_two_workers_same_seed_ask_distinct_cells(tmp_path, grid_space):
     path = tmp_path / "j.log"
     workers = [_study(make_storage(str(path), tmp_path),
-                      make_sampler({"name": "grid", "seed": 7}, grid_space, 1, worker_index=i)) for i in range(2)]
+                      make_sampler({"name": "grid", "seed": 7}, grid_space, 1)) for i in range(2)]
     trials = [workers[i % 2].ask() for i in range(8)]  # interleaved, none finished yet
     cells = {grid_space.cell_key(grid_space.suggest(t)) for t in trials}
     assert len(cells) == 8 == grid_space.grid_size

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import Any, Callable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from pitsearch.filelock import file_lock
 from pitsearch.search.space import SEED_PATH, SearchSpace
 from pitsearch.search.trials import FINISHED_STATES
 
@@ -219,30 +219,13 @@ def _pop(study: optuna.Study, state: GridState,
 
 @contextlib.contextmanager
 def _local_lock(path: Path | None) -> Iterator[None]:
-    """Serialise queueing among the workers of one machine (they share the output folder)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the live/stale rule above still keeps each cell to one run
-        yield
-        return
+    """Serialise queueing among the workers of one machine (they share the output folder). Without flock, or
+    past LOCK_WAIT_S, the live/stale rule of the module docstring still keeps each cell to one run."""
     if path is None:
         yield
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        deadline = time.monotonic() + LOCK_WAIT_S
-        locked = False
-        while not locked and time.monotonic() < deadline:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                locked = True
-            except OSError:
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            if locked:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    with file_lock(path, timeout_s=LOCK_WAIT_S):
+        yield
 
 
 def seed_as_range(study: optuna.Study) -> bool:

@@ -118,7 +118,7 @@ def _run_sweep(cfg: Any, composer: TrialComposer | None, console, reporter: Swee
     interrupted = lost = False
     try:
         if len(contexts) == 1:
-            run_worker(contexts[0], emit=console.print, tracker=tracker)
+            run_worker(contexts[0], emit=console.print, tracker=tracker, spec=spec, study=study)
         else:
             lost = run_processes(contexts, console)
     except KeyboardInterrupt:

@@ -40,6 +40,8 @@ class SweepSpec:
     heartbeat_interval_s: int = 60
     adaptive: Any = None            # pitsearch.search.rounds.AdaptiveSeeds: `sweep.seeds` in its dict form
     raw: dict[str, Any] = field(default_factory=dict)
+    optuna_sampler: Any = None      # built from `sampler` by parse_sweep (pitsearch.search.study.make_sampler)
+    optuna_pruner: Any = None
 
     @property
     def directions(self) -> list[str]:
@@ -54,6 +56,7 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     """Validate the whole `sweep:` node; every error names its key (e.g. `sweep.sampler.name`)."""
     from pitsearch.search.match import parse_match
     from pitsearch.config import checked, plain
+    from pitsearch.search.locations import default_sweep_dir
     from pitsearch.search.space import parse_space
     from pitsearch.search.study import make_pruner, make_sampler, parse_objectives
 
@@ -81,8 +84,9 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     space = parse_space(node["space"] or {}, seeds=list(seeds) if seeds else None, known_paths=known_paths)
     sampler_cfg = _named(node["sampler"], "sampler")
     pruner_cfg = _named(node["pruner"], "pruner")
-    make_sampler(sampler_cfg, space, len(objectives))  # built here only to surface config errors early
-    make_pruner(pruner_cfg, len(objectives))
+    # Built once per process, here: a bad kwarg is one line before anything exists, and the study uses these.
+    optuna_sampler = make_sampler(sampler_cfg, space, len(objectives), study_name=study_name)
+    optuna_pruner = make_pruner(pruner_cfg, len(objectives))
 
     n_trials = node["n_trials"]
     if adaptive is not None and (sampler_cfg["name"] != "grid" or n_trials is not None):
@@ -106,7 +110,7 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
     match = parse_match(node["match"], space.names, known_paths)
     max_failures = node["max_failures"] or max(10, n_trials)
     base = Path(base_dir or os.getcwd()).resolve()
-    output_dir = Path(node["output_dir"] or base / "pitsearch-sweeps" / study_name)
+    output_dir = Path(node["output_dir"]) if node["output_dir"] else default_sweep_dir(study_name, base)
     output_dir = output_dir if output_dir.is_absolute() else (base / output_dir).resolve()
     return SweepSpec(study_name=study_name, objectives=objectives, sampler=sampler_cfg, pruner=pruner_cfg,
                      n_trials=n_trials, storage=node["storage"], n_workers=node["n_workers"], space=space,
@@ -116,7 +120,8 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
                      gpus=list(gpus) if gpus is not None else None, trials_per_gpu=node["trials_per_gpu"],
                      retry_timeout_s=float(node["retry_timeout_s"]),
                      heartbeat_interval_s=node["heartbeat_interval_s"],
-                     adaptive=adaptive, pack=_pack(node["pack"]))
+                     adaptive=adaptive, pack=_pack(node["pack"]), optuna_sampler=optuna_sampler,
+                     optuna_pruner=optuna_pruner)
 
 
 def _pack(value: Any) -> Any:

@@ -49,13 +49,13 @@ DIRECTIONS = ("maximize", "minimize")
 
 
 def make_sampler(
-    cfg_sampler: Any, space: SearchSpace, n_objectives: int, *, worker_index: int = 0, study_name: str = ""
+    cfg_sampler: Any, space: SearchSpace, n_objectives: int, *, study_name: str = ""
 ) -> optuna.samplers.BaseSampler:
     """Build `sweep.sampler`. Grid uses the same seed in every worker (the order of the cells is shuffled with
     it; pitsearch.search.grid picks the cells). A seeded sampler of any other kind is a `TrialSeededSampler`:
     each trial draws with a seed derived from the study name, `seed` and its trial number, so a resumed run,
-    a second worker or a second machine draws new points, and a fresh run with the same seed draws the same.
-    (`worker_index` is no longer needed for that: trial numbers are unique across workers and machines.)"""
+    a second worker or a second machine draws new points, and a fresh run with the same seed draws the same
+    (trial numbers are unique across workers and machines)."""
     name, kwargs = _name_and_kwargs(cfg_sampler, "sweep.sampler", SAMPLERS, default="tpe")
     if n_objectives < 1:
         raise ConfigError("sweep.objectives", "needs at least one objective")
@@ -208,22 +208,21 @@ def _check_enumerable(space: SearchSpace) -> None:
             raise ConfigError(f"sweep.space.{p.path}", "bruteforce needs a step for float ranges")
 
 
-def open_sweep_study(spec, *, create: bool = False, worker_index: int = 0) -> tuple[optuna.Study, bool]:
+def open_sweep_study(spec, *, create: bool = False) -> tuple[optuna.Study, bool]:
     """The one way a sweep opens its study: (study, whether this process created it).
 
     `create=True` (the command that starts or resumes a sweep): create the study, or join it when it exists,
     then refuse a space its stored trials cannot take (`check_resumable`). Creating is atomic (the name is
     unique), so exactly one of several racing machines gets created=True and owes the study its MLflow parent
-    run. `create=False` (a worker): load the existing study. Either way with the sweep's sampler and pruner.
+    run. `create=False` (a worker): load the existing study. Either way with the sampler and pruner that
+    `parse_sweep` built (once per process).
     (`python -m pitsearch.report` and `export` open a finished study read-only: `open_existing_study`.)"""
     from pitsearch.search.grid import seed_as_range
     from pitsearch.search.storage import make_storage
 
     storage = make_storage(spec.storage, spec.output_dir, heartbeat_interval=spec.heartbeat_interval_s,
                            retry_timeout_s=spec.retry_timeout_s)
-    sampler = make_sampler(spec.sampler, spec.space, len(spec.objectives), worker_index=worker_index,
-                           study_name=spec.study_name)
-    pruner = make_pruner(spec.pruner, len(spec.objectives))
+    sampler, pruner = spec.optuna_sampler, spec.optuna_pruner
     if not create:
         return optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner), False
     try:

@@ -49,17 +49,21 @@ def next_trial(study, spec):
     return _ask(study)
 
 
-def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=None) -> dict[str, int]:
+def run_worker(ctx: WorkerContext, emit: Callable[[str], None] = print, tracker=None, spec=None,
+               study=None) -> dict[str, int]:
     """The worker loop. Returns counts of trial states it produced. An in-process worker reuses the caller's
-    `tracker` (opening an MLflow store costs about a second). Raises `WorkerAbort` when a server is lost."""
+    `tracker` (opening an MLflow store costs about a second), `spec` and `study` (the sampler is built once per
+    process). Raises `WorkerAbort` when a server is lost."""
     from pitsearch.search.grid import seed_as_range
     from pitsearch.search.spec import parse_sweep
     from pitsearch.search.study import open_sweep_study
     from pitsearch.tracking import Tracker
 
-    spec = parse_sweep(ctx.sweep_node, known_paths=ctx.known_paths, base_dir=ctx.base_dir)
+    if spec is None or study is None:
+        spec = parse_sweep(ctx.sweep_node, known_paths=ctx.known_paths, base_dir=ctx.base_dir)
+        study = None
     try:
-        study, _ = open_sweep_study(spec, worker_index=ctx.worker_index)
+        study = study or open_sweep_study(spec)[0]
         if tracker is None and ctx.tracking.get("enabled", True):
             tracker = Tracker.from_config(ctx.tracking, ctx.base_dir, retry_timeout_s=spec.retry_timeout_s)
         run = TrialRun(spec=spec, ctx=ctx, tracker=tracker, emit=emit,
