@@ -55,6 +55,7 @@ CASES = [
     *[([SWEEP], path, value) for path, value in _fields(schemas.SweepConfig, "sweep")],
     # Any-typed sweep fields: their domain checks (pitsearch.search.spec) name them the same way.
     ([SWEEP], "sweep.seeds", "abc"), ([SWEEP], "sweep.space", "abc"), ([SWEEP], "sweep.match", "abc"),
+    ([SWEEP], "sweep.pack", "abc"), ([SWEEP], "sweep.pack", "0"),
 ]
 
 

@@ -235,6 +235,8 @@ def _check_limits(schema: type, plain: Mapping[str, Any], prefix: str) -> None:
         # The value has its type here: shown as Python shows it (got 0, got 'x'), like every range check.
         if "choices" in limits and value not in limits["choices"]:
             raise ConfigError(field, f"must be {_describe(hint, limits)}, got {value!r}")
+        if "check" in limits and limits["check"](value):   # a rule no type or range says: it names the problem
+            raise ConfigError(field, limits["check"](value))
         if isinstance(value, (int, float)) and not _within(value, limits):
             raise ConfigError(field, f"must be {_describe(hint, limits)}, got {value!r}")
 

@@ -189,6 +189,14 @@ def _default_objectives() -> List[ObjectiveConfig]:
     return [ObjectiveConfig(metric="val/acc_best", direction="maximize")]
 
 
+def pack_problem(value: Any) -> str | None:
+    """`sweep.pack` (pitsearch.search.pack): off, auto or a positive number of members."""
+    if value in ("off", "auto") or value is False or (isinstance(value, int) and not isinstance(value, bool)
+                                                        and value >= 1):
+        return None
+    return f"must be off, auto or a positive integer (members per pack), got {value!r}"
+
+
 @dataclass
 class SweepConfig:
     """The `sweep:` node of a sweep file (pitsearch.search.spec.parse_sweep)."""
@@ -201,7 +209,7 @@ class SweepConfig:
     n_workers: int = knob(1, ge=1)          # worker processes on this machine when training on the CPU
     gpus: Optional[List[int]] = None        # CUDA: GPU indices to use; null = every visible GPU
     trials_per_gpu: int = knob(1, ge=1)     # CUDA: workers per GPU, packing small trials onto one device
-    pack: Any = "off"                       # off | auto | N: cells of one variant trained as one model (search/pack)
+    pack: Any = knob("off", check=pack_problem)   # off | auto | N: cells of one variant trained as one model
     seeds: Any = None                       # [0, 1, 2]: an axis (train.seed); {min, max, min_effect, alpha, start}: adaptive
     space: Any = knob(factory=dict)         # {config.path: {choices | low/high/step/log/type, when}}
     budget: BudgetConfig = knob(factory=BudgetConfig)
