@@ -36,15 +36,9 @@ def _fold(tensor: torch.Tensor, dim: int | None, size: int) -> torch.Tensor:
     return tensor.reshape(size * tensor.shape[1], *tensor.shape[2:])
 
 
-class _FoldedSDPA(torch.autograd.Function):
-    """F.scaled_dot_product_attention whose vmap rule folds members into the batch (one fused kernel call).
-
-    Only its `vmap` rule ever runs: it calls SDPA on plain tensors, which autograd records as usual, so the
-    backward is SDPA's own."""
-
-    @staticmethod
-    def forward(q, k, v, kwargs):
-        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+class _VmapOnly(torch.autograd.Function):
+    """A Function of which only the `vmap` rule ever runs: the rule calls ordinary ops on plain tensors, which
+    autograd records as usual, so the backward is theirs; the Function's own backward is never reached."""
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -52,7 +46,15 @@ class _FoldedSDPA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        raise RuntimeError("_FoldedSDPA is only differentiated under vmap")
+        raise RuntimeError("only differentiated under vmap")
+
+
+class _FoldedSDPA(_VmapOnly):
+    """F.scaled_dot_product_attention whose vmap rule folds members into the batch (one fused kernel call)."""
+
+    @staticmethod
+    def forward(q, k, v, kwargs):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
     @staticmethod
     def vmap(info, in_dims, q, k, v, kwargs):
@@ -98,20 +100,12 @@ class MemberRNG:
             default.set_state(saved)
 
 
-class _PerMember(torch.autograd.Function):
+class _PerMember(_VmapOnly):
     """Under vmap: run `module` once per member on its own slice with its own RNG, then restack."""
 
     @staticmethod
     def forward(x, module, rng):
         return module(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise RuntimeError("_PerMember is only differentiated under vmap")
 
     @staticmethod
     def vmap(info, in_dims, x, module, rng):
