@@ -40,6 +40,7 @@ class ExperimentResult:
     compile_seconds: float = 0.0
     wall_seconds: float = 0.0
     analysis: dict[str, Any] = field(default_factory=dict)   # run_analyses(): {"metrics", "spatial"}
+    out_of_memory: bool = False  # failed for want of device memory (a pack that did not fit: search.trial)
 
     @property
     def final(self) -> dict[str, float]:
@@ -248,6 +249,7 @@ def _settle(result: ExperimentResult, outcome: Any, prepared: Prepared, tracker)
     if isinstance(outcome, Exception):
         result.state, result.reason = RunState.FAILED, f"{type(outcome).__name__}: {outcome}"
         if _is_cuda_oom(outcome):
+            result.out_of_memory = True
             _release_cuda_memory()
         return
     from pitsearch.analysis import run_analyses

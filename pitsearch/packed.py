@@ -154,7 +154,8 @@ def train_packed(models: Sequence[nn.Module], dataset, train_cfgs: Sequence[Mapp
     Returns one entry per member: its TrainResult, or the exception that ended it (StopRun / Diverged / a
     callback's error). `results`, when given, are filled in place epoch by epoch, as `train_model`'s `result`,
     so the curves of a member that stopped early are kept. The final weights are written back into `models`.
-    An error in the shared forward or backward (e.g. out of memory) fails the whole pack and propagates.
+    An error in the shared forward or backward (e.g. out of memory) ends every member still in the pack with
+    that error; their modules keep the weights they were built with. A lost server and Ctrl-C propagate.
     Timings (`time/epoch_s`, `perf/img_per_s`) are the pack's wall time: each member's own images per second.
     """
     import logging
@@ -195,78 +196,86 @@ def train_packed(models: Sequence[nn.Module], dataset, train_cfgs: Sequence[Mapp
     outcomes: list[TrainResult | Exception | None] = [None] * len(models)
     val_acc_best = [0.0] * len(models)
     step = 0
-    for epoch in range(epochs):
-        members = list(packed.members)
-        if not members:
-            break
-        packed.train(True)
-        started = time.perf_counter()
-        loss_sum = torch.zeros(len(members), device=device)
-        correct = torch.zeros(len(members), device=device, dtype=torch.long)
-        orders = [batch_indices(n_train, batch_size, generators[m], device, drop_last=True) for m in members]
-        for _ in range(steps_per_epoch):
-            images, targets, labels = [], [], []
-            for m, order in zip(members, orders):
-                idx = next(order)
-                labels.append(dataset.train_y[idx])
-                x, target = augment.train(dataset.train_x[idx], labels[-1], generators[m])
-                images.append(x)
-                targets.append(target)
-            with _autocast(device, precision):
-                logits = packed(torch.stack(images))
-            # Soft targets (mixup/cutmix) already carry the smoothing timm's Mixup applied.
-            smoothing = 0.0 if targets[0].ndim == 2 else label_smoothing
-            losses = torch.stack([F.cross_entropy(member.float(), target, label_smoothing=smoothing)
-                                  for member, target in zip(logits, targets)])
-            packed.flat.grad = None
-            losses.sum().backward()  # members share no weights: each gets exactly its own loss's gradient
-            if grad_clip > 0:
-                clip_grad_norm_per_member(packed.flat, grad_clip)
-            optimizer.step(packed.flat, [lr_groups[m]["lr"] for m in members])
-            step += 1
-            scheduler.step_update(step)
-            loss_sum += losses.detach() * batch_size
-            correct += (logits.detach().argmax(-1) == torch.stack(labels)).sum(-1)
-        seen = steps_per_epoch * batch_size
-        train_losses = [value / seen for value in loss_sum.tolist()]  # the epoch's one host sync
-        train_accs = [value / seen for value in correct.tolist()]
-        train_seconds = time.perf_counter() - started
-        started_eval = time.perf_counter()
-        val_losses, val_accs = evaluate_packed(packed, dataset.val_x, dataset.val_y, augment,
-                                               int(cfg["eval_batch_size"]), device, precision)
-        eval_seconds = time.perf_counter() - started_eval
+    try:
+        for epoch in range(epochs):
+            members = list(packed.members)
+            if not members:
+                break
+            packed.train(True)
+            started = time.perf_counter()
+            loss_sum = torch.zeros(len(members), device=device)
+            correct = torch.zeros(len(members), device=device, dtype=torch.long)
+            orders = [batch_indices(n_train, batch_size, generators[m], device, drop_last=True) for m in members]
+            for _ in range(steps_per_epoch):
+                images, targets, labels = [], [], []
+                for m, order in zip(members, orders):
+                    idx = next(order)
+                    labels.append(dataset.train_y[idx])
+                    x, target = augment.train(dataset.train_x[idx], labels[-1], generators[m])
+                    images.append(x)
+                    targets.append(target)
+                with _autocast(device, precision):
+                    logits = packed(torch.stack(images))
+                # Soft targets (mixup/cutmix) already carry the smoothing timm's Mixup applied.
+                smoothing = 0.0 if targets[0].ndim == 2 else label_smoothing
+                losses = torch.stack([F.cross_entropy(member.float(), target, label_smoothing=smoothing)
+                                      for member, target in zip(logits, targets)])
+                packed.flat.grad = None
+                losses.sum().backward()  # members share no weights: each gets exactly its own loss's gradient
+                if grad_clip > 0:
+                    clip_grad_norm_per_member(packed.flat, grad_clip)
+                optimizer.step(packed.flat, [lr_groups[m]["lr"] for m in members])
+                step += 1
+                scheduler.step_update(step)
+                loss_sum += losses.detach() * batch_size
+                correct += (logits.detach().argmax(-1) == torch.stack(labels)).sum(-1)
+            seen = steps_per_epoch * batch_size
+            train_losses = [value / seen for value in loss_sum.tolist()]  # the epoch's one host sync
+            train_accs = [value / seen for value in correct.tolist()]
+            train_seconds = time.perf_counter() - started
+            started_eval = time.perf_counter()
+            val_losses, val_accs = evaluate_packed(packed, dataset.val_x, dataset.val_y, augment,
+                                                   int(cfg["eval_batch_size"]), device, precision)
+            eval_seconds = time.perf_counter() - started_eval
 
-        leaving = []
-        for row, m in enumerate(members):
-            val_acc_best[m] = max(val_acc_best[m], val_accs[row])
-            metrics = {
-                "train/loss": train_losses[row], "train/acc": train_accs[row], "val/loss": val_losses[row],
-                "val/acc": val_accs[row], "val/acc_best": val_acc_best[m], "gen/gap": train_accs[row] - val_accs[row],
-                "lr": lr_groups[m]["lr"], "time/epoch_s": time.perf_counter() - started,
-                "perf/img_per_s": seen / train_seconds,
-            }
-            result = results[m]
-            for key in METRIC_KEYS:
-                result.history[key].append(metrics[key])
-            result.epochs_run = epoch + 1
-            result.train_seconds += train_seconds
-            result.eval_seconds += eval_seconds
-            try:
-                for callback in callbacks[m]:  # on a diverged epoch too, so trackers record it
-                    callback(epoch, metrics)
-                if not math.isfinite(train_losses[row]):
-                    raise Diverged(f"train/loss is {train_losses[row]} at epoch {epoch}")
-            except ServiceUnavailable:
-                raise   # a lost server is the worker's to handle (pitsearch.search.pack), not this member's failure
-            except Exception as error:  # noqa: BLE001 - StopRun, Diverged or a failing callback end this member only
-                outcomes[m] = error
-                leaving.append(row)
-        if leaving:
-            for row in leaving:
-                packed.write_back(row)
-            staying = [row for row in range(len(members)) if row not in leaving]
-            packed.keep(staying)
-            optimizer.keep(staying)
+            leaving = []
+            for row, m in enumerate(members):
+                val_acc_best[m] = max(val_acc_best[m], val_accs[row])
+                metrics = {
+                    "train/loss": train_losses[row], "train/acc": train_accs[row], "val/loss": val_losses[row],
+                    "val/acc": val_accs[row], "val/acc_best": val_acc_best[m], "gen/gap": train_accs[row] - val_accs[row],
+                    "lr": lr_groups[m]["lr"], "time/epoch_s": time.perf_counter() - started,
+                    "perf/img_per_s": seen / train_seconds,
+                }
+                result = results[m]
+                for key in METRIC_KEYS:
+                    result.history[key].append(metrics[key])
+                result.epochs_run = epoch + 1
+                result.train_seconds += train_seconds
+                result.eval_seconds += eval_seconds
+                try:
+                    for callback in callbacks[m]:  # on a diverged epoch too, so trackers record it
+                        callback(epoch, metrics)
+                    if not math.isfinite(train_losses[row]):
+                        raise Diverged(f"train/loss is {train_losses[row]} at epoch {epoch}")
+                except ServiceUnavailable:
+                    raise   # a lost server is the worker's to handle (pitsearch.search.pack), not this member's failure
+                except Exception as error:  # noqa: BLE001 - StopRun, Diverged or a failing callback end this member only
+                    outcomes[m] = error
+                    leaving.append(row)
+            if leaving:
+                for row in leaving:
+                    packed.write_back(row)
+                staying = [row for row in range(len(members)) if row not in leaving]
+                packed.keep(staying)
+                optimizer.keep(staying)
+    except ServiceUnavailable:
+        raise
+    except Exception as error:  # noqa: BLE001 - the shared step failed (e.g. out of memory): every member in it
+        for m in packed.members:   # members that left earlier keep their outcome; these still hold their init
+            outcomes[m] = error     # weights (write_back was never called), so a caller may train them alone
+        return outcomes
+
     for row, m in enumerate(packed.members):
         packed.write_back(row)
         outcomes[m] = results[m]

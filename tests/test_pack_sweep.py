@@ -69,6 +69,33 @@ def test_a_diverging_member_is_pruned_alone_and_its_pack_mates_keep_their_number
             assert trial.values == pytest.approx(reference[cell].values, abs=1e-4)
 
 
+def test_a_pack_that_runs_out_of_memory_trains_its_members_alone_and_later_packs_shrink(compose, tmp_path,
+                                                                                            monkeypatch):
+    import torch
+
+    import pitsearch.packed as packed
+
+    config_dir = tiny_sweep(tmp_path, "oompack", epochs=2, seeds="[0, 1, 2]")
+    alone, _, _ = _run(compose, tmp_path, "oompack", config_dir)
+    real_clip, calls = packed.clip_grad_norm_per_member, []
+
+    def oom_in_the_first_pack(*args, **kwargs):   # inside the shared step of the first pack's first batch
+        calls.append(1)
+        if len(calls) == 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (injected)")
+        return real_clip(*args, **kwargs)
+
+    monkeypatch.setattr(packed, "clip_grad_norm_per_member", oom_in_the_first_pack)
+    result, counts, lines = _run(compose, tmp_path / "packed", "oompack", config_dir, extra=["sweep.pack=3"])
+    assert counts == {"COMPLETE": 6, "PRUNED": 0, "FAIL": 0}, lines
+    assert any("a pack of 3 trials ran out of memory: 3 of them train again one at a time; packs of at most 1"
+               in line for line in lines), lines
+    assert sum("(pack of 3)" in line for line in lines) == 3   # the first pack's members, retrained alone
+    reference = _by_cell(alone)
+    for cell, trial in _by_cell(result).items():   # trained from the weights they were built with
+        assert trial.values == pytest.approx(reference[cell].values, abs=1e-4)
+
+
 def test_pack_off_and_auto_on_the_cpu_train_one_trial_at_a_time(compose, tmp_path):
     config_dir = tiny_sweep(tmp_path, "auto", epochs=1, seeds="[0, 1]")
     _, counts, lines = _run(compose, tmp_path, "auto", config_dir, extra=["sweep.pack=auto"])

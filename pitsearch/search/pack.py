@@ -42,7 +42,8 @@ def pack_capacity(trial, run: TrialRun) -> int:
         import torch
 
         free = torch.cuda.mem_get_info(device)[0] // max(1, spec.trials_per_gpu)
-    return pack_size(model_cfg, cfg["train"], device, spec.pack, free_bytes=free)
+    size = pack_size(model_cfg, cfg["train"], device, spec.pack, free_bytes=free)
+    return min(size, run.pack_cap) if run.pack_cap is not None else size
 
 
 def take_pack(study, run: TrialRun, first, capacity: int) -> list:

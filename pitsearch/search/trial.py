@@ -62,6 +62,7 @@ class TrialRun:
     seed_range: bool = False          # how the study stores a grid's seed axis (pitsearch.search.grid)
     datasets: dict[str, Any] = field(default_factory=dict)
     emit: Callable[[str], None] = print
+    pack_cap: int | None = None       # set when a pack ran out of memory: later packs hold at most this many
 
 
 @dataclass
@@ -164,6 +165,16 @@ def _train(members: list[_Member], run: TrialRun) -> None:
                            params=m.matcher.params() if m.matcher else None) for m in members]
     try:
         results = run_packed_experiments(requests, tracker=run.tracker, parent_run_id=run.ctx.parent_run_id)
+        short = [i for i, result in enumerate(results) if result.out_of_memory]
+        if len(requests) > 1 and short:
+            # The pack did not fit: the members it held still have the weights they were built with, so they train
+            # again one at a time (new MLflow runs; the failed ones stay FAILED), and later packs are halved.
+            run.pack_cap = max(1, len(requests) // 2)
+            run.emit(f"a pack of {len(requests)} trials ran out of memory: {len(short)} of them train again one at a "
+                     f"time; packs of at most {run.pack_cap} from now on")
+            for i in short:
+                results[i] = run_packed_experiments([requests[i]], tracker=run.tracker,
+                                                    parent_run_id=run.ctx.parent_run_id)[0]
     finally:
         for member in members:
             member.prepared = None   # nothing of a finished trial may stay alive in a long-lived worker
