@@ -15,9 +15,9 @@ import numpy as np
 
 from pitsearch.search.grid import DUPLICATE
 from pitsearch.search.space import SEED_PATH
+from pitsearch.search.trials import FINISHED_STATES
 from pitsearch.stats import Interval, mean_ci
 
-FINISHED_STATES = ("COMPLETE", "PRUNED")
 COST_METRICS = ("macs", "params")   # user attributes of the trial, not per-epoch metrics
 
 
@@ -122,7 +122,7 @@ def summary_markdown(study, spec) -> str:
 
 def log_parent_summary(study, spec, tracker, parent_run_id: str) -> None:
     records = trial_records(study)
-    finished = [r for r in records if r["state"] in FINISHED_STATES]
+    finished = [r for r in records if r["state"] in {state.name for state in FINISHED_STATES}]
     tracker.log_text(parent_run_id, summary_markdown(study, spec), "summary.md")
     metrics = {"sweep/finished": len(finished), "sweep/failed": sum(r["state"] == "FAIL" for r in records)}
     complete = [r for r in records if r["state"] == "COMPLETE" and r["values"]]
