@@ -66,13 +66,17 @@ class BatchAugment:
         if generator.device.type != x_uint8.device.type:
             raise ValueError(f"generator is on {generator.device} but the batch is on {x_uint8.device}; "
                              f"create it with torch.Generator(device=...)")
-        x = x_uint8
-        if self.crop_padding > 0 or self.hflip:
-            x = random_crop_flip(x, self.crop_padding, self.hflip, generator)
-        x = self.normalize(x)
+        x = self.normalize(self.crop_flip(x_uint8, generator))
         if self.mixup is None:
             return x, y
         return self._mix(x, y, generator)
+
+    def crop_flip(self, x_uint8: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The random crop and flip alone, uint8 in and out (a CUDA-graphed step runs this part outside its graph,
+        pitsearch.graphs); the batch itself when both are off."""
+        if self.crop_padding > 0 or self.hflip:
+            return random_crop_flip(x_uint8, self.crop_padding, self.hflip, generator)
+        return x_uint8
 
     def _mix(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         from timm.data.mixup import mixup_target

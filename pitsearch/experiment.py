@@ -67,7 +67,7 @@ def validate_config(cfg: Mapping[str, Any]) -> None:
     from pitsearch.analysis import validate_eval_config
 
     validate_data_config(cfg["data"])
-    validate_train_config(cfg["train"])
+    validate_train_config(cfg["train"], cfg["data"].get("aug"))
     validate_eval_config(cfg.get("eval"))
     tracking = cfg.get("tracking") or {}
     if tracking.get("enabled", True) and tracking.get("uri"):

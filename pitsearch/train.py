@@ -8,6 +8,7 @@ step never waits on the host. The only extension point is the per-epoch callback
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ class TrainResult:
     history: dict[str, list[float]] = field(default_factory=dict)
     train_seconds: float = 0.0
     eval_seconds: float = 0.0
-    compile_seconds: float = 0.0   # time of the first torch.compile'd step (0 without compile)
+    compile_seconds: float = 0.0   # the first torch.compile'd step, or the CUDA graph captures (0 without either)
     epochs_run: int = 0
 
     @property
@@ -52,9 +53,10 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
-def validate_train_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
+def validate_train_config(cfg: Mapping[str, Any], aug_cfg: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Types, unknown keys, defaults and ranges are TrainConfig's (pitsearch.config.schema); checked here: what
-    needs torch or timm. Returns the full config."""
+    needs torch or timm, and what `train.cuda_graph=on` needs of the train keys and the data's `aug_cfg`.
+    Returns the full config."""
     from pitsearch.config import checked
 
     cfg = checked("train", cfg)
@@ -64,7 +66,11 @@ def validate_train_config(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
     if str(cfg["opt"]).lower() not in set(list_optimizers()):
         raise ConfigError("train.opt", f"unknown optimizer {cfg['opt']!r}; timm knows e.g. adamw, adamp, lamb, sgd")
-    resolve_device(cfg["device"])
+    device = resolve_device(cfg["device"])
+    if cfg["cuda_graph"] == "on":   # refused here, before any data is loaded, rather than when training starts
+        from pitsearch.graphs import use_cuda_graphs
+
+        use_cuda_graphs(cfg, aug_cfg, device)
     return cfg
 
 
@@ -73,12 +79,13 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _autocast(device: torch.device, precision: str = "auto"):
-    """bf16 autocast on CUDA unless fp32 is asked for; fp32 on CPU (bf16 brings no speed there, measured)."""
+def _autocast(device: torch.device, precision: str = "auto", cache: bool = True):
+    """bf16 autocast on CUDA unless fp32 is asked for; fp32 on CPU (bf16 brings no speed there, measured).
+    `cache=False` inside a CUDA graph capture (torch.cuda.make_graphed_callables asks the same of autocast)."""
     if device.type == "cuda" and precision in ("auto", "bf16"):
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
     if device.type == "cpu" and precision == "bf16":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache)
     return contextlib.nullcontext()
 
 
@@ -117,6 +124,7 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
 
     from pitsearch.augment import BatchAugment
     from pitsearch.data import batch_indices
+    from pitsearch.graphs import CapturedEval, CapturedTrainStep, use_cuda_graphs
 
     # A 1-epoch run is all warmup; timm then warns that the cosine part is empty, which is expected here.
     logging.getLogger("timm.scheduler.cosine_lr").setLevel(logging.ERROR)
@@ -132,12 +140,14 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
     batch_size = min(int(train_cfg["batch_size"]), n_train)
     steps_per_epoch = n_train // batch_size  # drop_last: every step sees a full batch
     epochs = int(train_cfg["epochs"])
+    graphs = use_cuda_graphs(train_cfg, aug_cfg, device)
     optimizer_kwargs = {}
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         if str(train_cfg["opt"]).lower() in ("adam", "adamw"):
             optimizer_kwargs["fused"] = True  # one kernel for the whole update instead of one per tensor
+            optimizer_kwargs["capturable"] = graphs   # its step counts on the device, its lr a tensor
     optimizer = create_optimizer_v2(model, opt=train_cfg["opt"], lr=train_cfg["lr"],
                                     weight_decay=train_cfg["weight_decay"], **optimizer_kwargs)
     warmup_steps = int(round(float(train_cfg["warmup_epochs"]) * steps_per_epoch))
@@ -149,6 +159,14 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
     grad_clip = float(train_cfg["grad_clip"])
     precision = str(train_cfg.get("precision") or "auto")
     label_smoothing = float(train_cfg["label_smoothing"])
+    captured_step = captured_eval = None
+    if graphs:
+        graph_autocast = functools.partial(_autocast, device, precision, cache=False)
+        captured_step = CapturedTrainStep(model, optimizer, augment, dataset.train_x, dataset.train_y, batch_size,
+                                          label_smoothing=label_smoothing, grad_clip=grad_clip,
+                                          autocast=graph_autocast)
+        captured_eval = CapturedEval(model, augment, dataset.val_x, dataset.val_y,
+                                     int(train_cfg["eval_batch_size"]), autocast=graph_autocast)
 
     result = result if result is not None else TrainResult()
     result.history = {k: [] for k in METRIC_KEYS}
@@ -159,9 +177,19 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
         for epoch in range(epochs):
             model.train()
             started = time.perf_counter()
-            loss_sum = torch.zeros((), device=device)
-            correct = torch.zeros((), device=device, dtype=torch.long)
+            if captured_step is not None:
+                loss_sum, correct = captured_step.start_epoch()   # the device sums its graph adds to
+            else:
+                loss_sum = torch.zeros((), device=device)
+                correct = torch.zeros((), device=device, dtype=torch.long)
             for idx in batch_indices(n_train, batch_size, generator, device, drop_last=True):
+                if captured_step is not None:
+                    captured_step(idx, generator)
+                    step += 1
+                    scheduler.step_update(step)   # lr floats; the step copies them into its lr tensors
+                    if progress:
+                        progress.batch()
+                    continue
                 labels = dataset.train_y[idx]
                 x, targets = augment.train(dataset.train_x[idx], labels, generator)
                 first_compiled_step = compile_pending
@@ -194,8 +222,12 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
             result.train_seconds += train_seconds
 
             started_eval = time.perf_counter()
-            val_loss, val_acc = evaluate(model, dataset.val_x, dataset.val_y, augment,
-                                         int(train_cfg["eval_batch_size"]), device, precision)
+            if captured_eval is not None:
+                val_loss, val_acc = captured_eval()
+                result.compile_seconds = captured_step.capture_seconds + captured_eval.capture_seconds
+            else:
+                val_loss, val_acc = evaluate(model, dataset.val_x, dataset.val_y, augment,
+                                             int(train_cfg["eval_batch_size"]), device, precision)
             result.eval_seconds += time.perf_counter() - started_eval
             val_acc_best = max(val_acc_best, val_acc)
             metrics = {

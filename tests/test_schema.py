@@ -94,7 +94,7 @@ def test_every_field_refuses_a_wrong_type_in_one_line_naming_it(compose, base, p
     ("eval.robustness=fgsm", "eval.robustness: must be a list of strings or null, got 'fgsm'"),
     ("+train.momentum=0.9", "train.momentum: unknown key; valid: epochs, batch_size, eval_batch_size, opt, lr, "
                             "min_lr, weight_decay, warmup_epochs, warmup_lr, label_smoothing, grad_clip, seed, "
-                            "device, threads, compile, precision, progress"),
+                            "device, threads, compile, precision, cuda_graph, progress"),
 ])
 def test_the_line_says_what_the_field_must_be(compose, override, line):
     assert _error_line(compose, [override]) == line

@@ -142,6 +142,11 @@ class TrainConfig:
     threads: Optional[int] = knob(None, ge=1)   # torch CPU threads; null = torch's default
     compile: bool = False                   # torch.compile the model (its compile time is logged as time/compile_s)
     precision: str = knob("auto", choices=("auto", "bf16", "fp32"))   # auto = bf16 autocast on CUDA, fp32 on CPU
+    # Replay each training step (forward, backward, clipping, AdamW) and the eval forward as CUDA graphs
+    # (pitsearch/graphs.py; capture time logged as time/compile_s). on: capture or refuse the config (CUDA, adam /
+    # adamw, no compile, no mixup / cutmix); auto: capture where it can, else eager steps and the reason logged.
+    # Off by default until the benchmark on a GPU measures it (a hand-made whole-step graph ran 5.9x eager).
+    cuda_graph: str = knob("off", choices=("off", "on", "auto"))
     progress: bool = True                   # rich progress bar and one summary line per epoch
 
 
