@@ -2,6 +2,8 @@
 
 1. Training steps: both models, same input, measured alternately in one process (so machine noise hits both),
    median over rounds; prints img/s of each and, last, `ratio_vs_timm=<pitsearch / timm>`.
+   `bench_preset_vs_timm`: a preset at its own size (pit_s at 224 px) vs timm's model, eager and compiled
+   (bench/gpu_sweep.py uses it).
 2. One epoch end to end (data + steps + eval) on CIFAR-size synthetic data: pitsearch's device-resident batches
    and batched augmentation against the same model fed by a plain torchvision DataLoader pipeline.
 
@@ -56,17 +58,45 @@ def step_rate(model, x, y, steps, device) -> float:
     return steps * len(y) / (time.perf_counter() - started)
 
 
+def alternating_rates(models: dict, x, y, rounds, steps, device) -> dict[str, float]:
+    """img/s of each model, median over rounds that take the models in turn (machine noise hits them all)."""
+    for model in models.values():
+        step_rate(model, x, y, 2, device)  # warm-up: allocator, kernels, torch.compile's compilation
+    rates = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            rates[name].append(step_rate(model, x, y, steps, device))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
 def bench_steps(device, rounds, steps, batch):
     ours, reference = build_pair(device)
     x = torch.randn(batch, 3, ARCH["img_size"], ARCH["img_size"], device=device)
     y = torch.randint(0, ARCH["num_classes"], (batch,), device=device)
-    step_rate(ours, x, y, 2, device)  # warm-up: allocator, kernels
-    step_rate(reference, x, y, 2, device)
-    ours_rates, reference_rates = [], []
-    for _ in range(rounds):
-        ours_rates.append(step_rate(ours, x, y, steps, device))
-        reference_rates.append(step_rate(reference, x, y, steps, device))
-    return statistics.median(ours_rates), statistics.median(reference_rates)
+    rates = alternating_rates({"ours": ours, "timm": reference}, x, y, rounds, steps, device)
+    return rates["ours"], rates["timm"]
+
+
+def bench_preset_vs_timm(device, preset="pit_s", img_size=224, batch=64, rounds=3, steps=10,
+                         compile_backend="inductor") -> dict:
+    """A pitsearch preset (conf/model/<preset>.yaml) against timm's model of the same architecture (the preset's
+    timm_name, e.g. pit_s_224, random weights), each eager and torch.compile'd, bf16 autocast on CUDA.
+    Returns {"img_per_s": {"pitsearch eager": ..., "timm eager": ..., ...}, "macs": MACs per image}."""
+    import timm
+
+    from pitsearch.models import build_model
+    from pitsearch.profile import model_stats
+
+    ours = build_model(preset, img_size=img_size)
+    macs = model_stats(ours, img_size)["macs"]
+    reference = timm.create_model(ours.model_config["timm_name"], pretrained=False, img_size=img_size)
+    ours, reference = ours.to(device), reference.to(device)
+    models = {"pitsearch eager": ours, "timm eager": reference,
+              "pitsearch compiled": torch.compile(ours, backend=compile_backend),
+              "timm compiled": torch.compile(reference, backend=compile_backend)}
+    x = torch.randn(batch, 3, img_size, img_size, device=device)
+    y = torch.randint(0, ours.model_config["num_classes"], (batch,), device=device)
+    return {"img_per_s": alternating_rates(models, x, y, rounds, steps, device), "macs": macs}
 
 
 def bench_epoch(device, n_images, batch):
