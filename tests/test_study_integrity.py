@@ -213,6 +213,20 @@ def test_a_grid_refuses_changes_optuna_cannot_store_before_anything_is_stored(tm
     assert len(study.trials) == 1
 
 
+def test_a_machine_joining_while_another_is_between_two_suggests_is_not_refused(tmp_path):
+    """Seen in CI: machine 2 opened the study while machine 1's first trial had its pool but not yet its seed."""
+    from pitsearch.errors import ConfigError
+    from pitsearch.search.study import check_resumable
+
+    study, space = _grid_study(tmp_path)
+    trial = study.ask()
+    trial.suggest_categorical("model.pool", ["conv", "none"])   # train.seed not suggested yet
+    check_resumable(study, space, True, True)
+    study.tell(trial, 0.5)   # a finished trial without the seed axis is another grid
+    with pytest.raises(ConfigError, match="^sweep.space: study 'g' is a grid over model.pool;"):
+        check_resumable(study, space, True, True)
+
+
 # ---------------------------------------------------------------------------------------------- seeded samplers
 
 

@@ -341,8 +341,13 @@ def check_resumable(study: optuna.Study, space: SearchSpace, grid: bool, seed_ra
             raise ConfigError(field, f"study {study.study_name!r} {what}, and Optuna cannot change a parameter's "
                                      f"kind or choices within a study; {fix}") from None
     if grid:
+        # A running trial may be caught between two suggests (another machine is starting it): only finished
+        # trials hold every axis of their grid; any trial may show an axis this grid lacks.
         axes = {name for trial in trials for name in trial.params}
-        if axes and axes != set(space.names):
-            raise ConfigError("sweep.space", f"study {study.study_name!r} is a grid over {', '.join(sorted(axes))};"
+        finished = [trial for trial in trials if trial.state.name in ("COMPLETE", "PRUNED")]
+        missing = {name for trial in finished for name in space.names if name not in trial.params}
+        if axes - set(space.names) or missing:
+            stored = {name for trial in finished for name in trial.params} or axes
+            raise ConfigError("sweep.space", f"study {study.study_name!r} is a grid over {', '.join(sorted(stored))};"
                                              f" this sweep's grid is over {', '.join(sorted(space.names))}; only "
                                              f"seeds can be added to a grid; {fix}")

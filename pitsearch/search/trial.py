@@ -97,8 +97,9 @@ def run_trials(trials: list, study, run: TrialRun) -> list[str]:
     Raises KeyboardInterrupt (after marking the trials still running FAIL and queueing them again) and
     `WorkerAbort` (a server lost for good, with the line that says what was recorded where)."""
     started = time.perf_counter()
-    members = [_member(trial, run) for trial in trials]
+    members: list[_Member] = []
     try:
+        members += [_member(trial, run) for trial in trials]
         with contextlib.ExitStack() as heartbeats:
             for member in members:
                 heartbeats.enter_context(TrialHeartbeat(study, member.trial._trial_id))
@@ -120,15 +121,14 @@ def run_trials(trials: list, study, run: TrialRun) -> list[str]:
                                          values=(_objective_values(run.spec, member.result, member.stats)
                                                  if member.state == RunState.COMPLETE else None))
     except KeyboardInterrupt:
-        for member in members:
-            if member.frozen is None and not member.taken:
-                member.trial.set_user_attr("fail_reason", INTERRUPTED)
-                frozen = tell(study, member.trial, state=RunState.FAILED.trial_state)
-                RetryStaleTrialCallback(max_retry=None)(study, frozen)
-                run.emit(f"trial {member.trial.number:4d} interrupted: marked FAIL and queued to run again on resume")
+        for trial, member in _unfinished(trials, members):
+            trial.set_user_attr("fail_reason", INTERRUPTED)
+            RetryStaleTrialCallback(max_retry=None)(study, tell(study, trial, state=RunState.FAILED.trial_state))
+            run.emit(f"trial {trial.number:4d} interrupted: marked FAIL and queued to run again on resume")
         raise
     except ServiceUnavailable as error:
-        lines = [_abandon(m.trial, m.run_id, study, run, error) for m in members if m.frozen is None and not m.taken]
+        lines = [_abandon(trial, member.run_id if member else None, study, run, error)
+                 for trial, member in _unfinished(trials, members)]
         raise WorkerAbort("; ".join(lines) or f"worker {run.ctx.worker_index}: {error}") from error
     states = []
     for member in members:
@@ -142,6 +142,15 @@ def run_trials(trials: list, study, run: TrialRun) -> list[str]:
                  + (f"  (pack of {len(members)})" if len(members) > 1 else ""))
         states.append(member.frozen.state.name)
     return states
+
+
+def _unfinished(trials: list, members: list[_Member]):
+    """(trial, its member or None) for each trial neither told nor taken over by another worker."""
+    by_number = {member.trial.number: member for member in members}
+    for trial in trials:
+        member = by_number.get(trial.number)
+        if member is None or (member.frozen is None and not member.taken):
+            yield trial, member
 
 
 def _member(trial, run: TrialRun) -> _Member:
