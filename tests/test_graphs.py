@@ -137,3 +137,14 @@ def test_two_captured_runs_with_one_seed_give_identical_curves(compose):
     for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
         assert first.history[key] == second.history[key], key
     assert first.compile_seconds > 0.0
+
+
+@pytest.mark.gpu
+def test_captured_training_reaches_eager_accuracy_on_mnist5k(compose):
+    """The default run (pit_nano, mnist5k), bf16: graph-captured and eager training end at the same accuracy."""
+    def run(extra):
+        prepared = prepare(compose(["train.epochs=3", "train.device=cuda", "train.progress=false", *extra]))
+        return train_model(prepared.model, prepared.dataset, prepared.cfg["train"], prepared.cfg["data"].get("aug"))
+
+    eager, captured = run([]), run(["train.cuda_graph=on"])
+    assert abs(captured.final["val/acc"] - eager.final["val/acc"]) <= 0.02 and captured.final["val/acc"] > 0.5

@@ -165,3 +165,22 @@ def test_pack_size_off_auto_and_explicit_caps(compose):
     assert pack_size(model_cfg, cfg["train"], "cpu", 3, 1000) == 1              # memory bounds N
     with pytest.raises(ValueError, match="sweep.pack"):
         pack_size(model_cfg, cfg["train"], "cpu", "many", plenty)
+
+
+# ----------------------------------------------------------------------------------------- GPU (skipped without)
+
+@pytest.mark.gpu
+def test_packed_training_on_cuda_reaches_the_accuracy_of_unpacked_runs_on_mnist5k(compose):
+    """pit_nano on mnist5k (the default run), 3 seeds, bf16 autocast: each packed member ends where its own run
+    does (kernels and reduction orders differ on a GPU, so accuracies are compared, not bits)."""
+    from pitsearch.experiment import prepare
+
+    runs = [prepare(compose([f"train.seed={seed}", "train.epochs=3", "train.device=cuda", "train.progress=false"]))
+            for seed in (0, 1, 2)]
+    alone = [_unpacked(Member(p.cfg, p.model, p.dataset))[0] for p in runs]
+    packed = train_packed([p.model for p in runs], runs[0].dataset, [p.cfg["train"] for p in runs],
+                          runs[0].cfg["data"].get("aug"))
+    for member, reference in zip(packed, alone):
+        assert isinstance(member, TrainResult)
+        assert abs(member.final["val/acc"] - reference.final["val/acc"]) <= 0.02
+        assert member.final["val/acc"] > 0.5   # it learned (chance is 0.1)
