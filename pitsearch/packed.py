@@ -44,9 +44,11 @@ ACTIVATION_FLOATS_PER_TOKEN_CHANNEL = 32
 
 def pack_key(cfg: Mapping[str, Any]) -> str | None:
     """What must be equal for trials to share a pack (a JSON string over model, data and train minus the member
-    keys), or None when the trial cannot be packed (an optimizer other than AdamW, torch.compile)."""
+    keys), or None when the trial cannot be packed (an optimizer other than AdamW, torch.compile) or asks for
+    a graph-captured step (`train.cuda_graph: on`: pitsearch.graphs captures one model's step, not a pack's)."""
     train = dict(cfg["train"])
-    if str(train.get("opt")).lower() not in PACKABLE_OPTIMIZERS or train.get("compile"):
+    if (str(train.get("opt")).lower() not in PACKABLE_OPTIMIZERS or train.get("compile")
+            or train.get("cuda_graph") == "on"):
         return None
     shared = {k: v for k, v in train.items() if k not in MEMBER_KEYS + RUN_ONLY_KEYS}
     return json.dumps({"model": cfg["model"], "data": cfg["data"], "train": shared}, sort_keys=True, default=str)

@@ -146,6 +146,7 @@ def test_pack_key_names_what_members_may_not_differ_in(compose):
     assert packable([base, compose(TINY + ["model.pool=max"])]) is None
     assert pack_key(compose(TINY + ["train.opt=sgd"])) is None
     assert pack_key(compose(TINY + ["train.compile=true"])) is None
+    assert pack_key(compose(TINY + ["train.cuda_graph=on"])) is None   # one model's step is captured, not a pack's
     with pytest.raises(ValueError, match="differ in train.batch_size"):  # before any model or data is touched
         train_packed([None, None], None, [base["train"], compose(TINY + ["train.batch_size=64"])["train"]], None)
 
