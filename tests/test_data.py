@@ -282,3 +282,21 @@ def test_augmentation_on_cuda_is_deterministic(mnist):
     assert a[0].is_cuda and torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     with pytest.raises(ValueError, match="generator is on cpu"):
         aug.train(data.train_x[idx], data.train_y[idx], torch.Generator().manual_seed(5))
+
+
+def test_an_imagefolder_tree_is_scanned_once_per_load_and_again_when_a_folder_changes(tmp_path, monkeypatch):
+    """Validation and the loader share one scan (0.79 s of a 1.06 s load of 60,000 files was scanning twice)."""
+    from pitsearch import data
+
+    root = write_png_tree(tmp_path / "tree")
+    scans = []
+    real_scan = data._scan_tree
+    monkeypatch.setattr(data, "_scan_tree", lambda root: scans.append(root) or real_scan(root))
+    cfg = conf("imagefolder", root=str(root), img_size=8, cache_dir=str(tmp_path / "cache"))
+    first = load_dataset(cfg)
+    assert len(scans) == 1
+    assert len(load_dataset(cfg).train_y) == len(first.train_y) and len(scans) == 1   # nothing changed
+    (root / "train" / "ant" / "0.png").rename(root / "train" / "ant" / "moved.png")   # same count, new name
+    (root / "train" / "bee" / "0.png").unlink()
+    again = load_dataset(cfg)
+    assert len(scans) == 2 and len(again.train_y) == len(first.train_y) - 1
