@@ -54,12 +54,6 @@ def pack_key(cfg: Mapping[str, Any]) -> str | None:
     return json.dumps({"model": cfg["model"], "data": cfg["data"], "train": shared}, sort_keys=True, default=str)
 
 
-def packable(cfgs: Sequence[Mapping[str, Any]]) -> str | None:
-    """The common pack key of `cfgs`, or None when they cannot all share one pack."""
-    keys = {pack_key(cfg) for cfg in cfgs}
-    return keys.pop() if len(keys) == 1 and None not in keys else None
-
-
 def estimate_member_bytes(model_cfg: Mapping[str, Any], train_cfg: Mapping[str, Any]) -> int:
     """Peak training memory of one member, from the config alone: optimizer state plus saved activations."""
     from pitsearch.models.pit import NUM_CLS_TOKENS, stage_layout

@@ -16,7 +16,7 @@ from pitsearch.errors import ConfigError
 from pitsearch.search.space import parse_space
 from pitsearch.masking import mask_url
 from pitsearch.search.grid import grid_state, requeue_failed
-from pitsearch.search.storage import journal_path, make_storage
+from pitsearch.search.storage import make_storage
 from pitsearch.search.study import load_or_create_study, make_pruner, make_sampler, parse_objectives
 from pitsearch.search.trials import count_finished, fail_stale_running, mark_worker, tell, worker_id
 
@@ -122,13 +122,18 @@ def test_default_journal_storage(tmp_path):
     out = tmp_path / "sweeps" / "run1"
     storage = make_storage(None, out)
     assert isinstance(storage, JournalStorage)
-    assert journal_path(storage) == out / "optuna-journal.log" and journal_path(storage).exists()
+    assert _journal_file(storage) == out / "optuna-journal.log" and _journal_file(storage).exists()
+
+
+def _journal_file(storage) -> Path:
+    """The file behind a journal storage (Optuna's private attribute: only a test needs it)."""
+    return Path(storage._backend._file_path)
 
 
 def test_journal_path_storage_is_made_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage = make_storage("studies/x.journal", Path("unused"))
-    assert journal_path(storage) == tmp_path / "studies" / "x.journal"
+    assert _journal_file(storage) == tmp_path / "studies" / "x.journal"
     assert isinstance(make_storage(str(tmp_path / "y.jsonl"), tmp_path), JournalStorage)
 
 

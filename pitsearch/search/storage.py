@@ -61,13 +61,6 @@ def storage_label(storage_value: str | Path | None, output_dir: Path) -> str:
     return mask_url(str(storage_value or journal_file(output_dir)))
 
 
-def journal_path(storage: BaseStorage) -> Path | None:
-    """The journal file behind a storage from make_storage (None for an RDB)."""
-    backend = getattr(storage, "_backend", None)
-    path = getattr(backend, "_file_path", None)
-    return Path(path) if path else None
-
-
 def _journal(path: Path) -> JournalStorage:
     from pitsearch.search.journal import SafeJournalFileBackend
 
