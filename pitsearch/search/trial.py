@@ -1,6 +1,8 @@
-"""One trial, in one function: suggest -> compose -> prepare -> run -> state -> tell -> record.
+"""One trial (or one pack of trials), in one function: suggest -> compose -> prepare -> run -> state -> tell -> record.
 
-`run_trial` is the only place where a trial's outcome becomes its state (in the spirit of Optuna's `_run_trial`):
+`run_trials` is the only place where a trial's outcome becomes its state (in the spirit of Optuna's `_run_trial`).
+A pack (pitsearch.search.pack) goes through it whole: its members train as one model, and each member gets its
+own row of this table:
 
 | what happened                                  | trial        | MLflow run | worker                    |
 |------------------------------------------------|--------------|------------|---------------------------|
@@ -10,6 +12,7 @@
 | Ctrl-C                                         | FAIL, queued | FAILED     | stops (KeyboardInterrupt) |
 | a server lost for `sweep.retry_timeout_s`      | FAIL, queued | FAILED     | stops (`WorkerAbort`)     |
 | another worker failed it meanwhile             | (theirs)     | -          | goes on                   |
+| its pack ran out of memory                     | as above     | a new run  | goes on (trains it alone) |
 
 Run states are `pitsearch.runstate.RunState`; the table from it to Optuna's and MLflow's names lives there.
 """
