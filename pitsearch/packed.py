@@ -27,7 +27,7 @@ from torch import nn
 
 from pitsearch.packed_model import PackedAdamW, PackedModel, clip_grad_norm_per_member
 from pitsearch.retry import ServiceUnavailable
-from pitsearch.train import METRIC_KEYS, Diverged, EpochCallback, TrainResult, _autocast
+from pitsearch.train import METRIC_KEYS, Diverged, EpochCallback, TrainResult, _autocast, lr_scheduler
 
 MEMBER_KEYS = ("seed", "lr", "weight_decay")  # train keys in which the members of one pack may differ
 RUN_ONLY_KEYS = ("progress", "threads")      # train keys that do not change a run's numbers
@@ -110,17 +110,10 @@ def _check_shared(train_cfgs: Sequence[Mapping[str, Any]]) -> None:
 
 def _lr_schedules(train_cfgs: Sequence[Mapping[str, Any]], steps_per_epoch: int):
     """One timm CosineLRScheduler driving a stand-in optimizer with one param group per member, set up as
-    train_model sets up its own; group m's lr is member m's lr."""
-    from timm.scheduler import CosineLRScheduler
-
-    cfg = train_cfgs[0]
+    train_model sets up its own (train.lr_scheduler); group m's lr is member m's lr."""
     stand_in = torch.optim.SGD([{"params": [torch.zeros(1, requires_grad=True)], "lr": c["lr"]}
                                 for c in train_cfgs])
-    warmup_steps = int(round(float(cfg["warmup_epochs"]) * steps_per_epoch))
-    scheduler = CosineLRScheduler(stand_in, t_initial=max(1, int(cfg["epochs"]) * steps_per_epoch - warmup_steps),
-                                  lr_min=cfg["min_lr"], warmup_t=warmup_steps, warmup_lr_init=cfg["warmup_lr"],
-                                  warmup_prefix=True, t_in_epochs=False)
-    return scheduler, stand_in.param_groups
+    return lr_scheduler(stand_in, train_cfgs[0], steps_per_epoch), stand_in.param_groups
 
 
 @torch.no_grad()

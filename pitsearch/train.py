@@ -109,6 +109,17 @@ def evaluate(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
     return loss_sum.item() / n, correct.item() / n
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, train_cfg: Mapping[str, Any], steps_per_epoch: int):
+    """timm's cosine schedule, stepped per batch: linear warmup over `warmup_epochs` from `warmup_lr`, then cosine
+    from each param group's lr down to `min_lr` by the end of `epochs`."""
+    from timm.scheduler import CosineLRScheduler
+
+    warmup_steps = int(round(float(train_cfg["warmup_epochs"]) * steps_per_epoch))
+    return CosineLRScheduler(optimizer, t_initial=max(1, int(train_cfg["epochs"]) * steps_per_epoch - warmup_steps),
+                             lr_min=train_cfg["min_lr"], warmup_t=warmup_steps, warmup_lr_init=train_cfg["warmup_lr"],
+                             warmup_prefix=True, t_in_epochs=False)
+
+
 def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], aug_cfg: Mapping[str, Any] | None,
                 callbacks: Iterable[EpochCallback] = (), console=None,
                 result: TrainResult | None = None) -> TrainResult:
@@ -120,8 +131,6 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
     import logging
 
     from timm.optim import create_optimizer_v2
-    from timm.scheduler import CosineLRScheduler
-
     from pitsearch.augment import BatchAugment
     from pitsearch.data import batch_indices
     from pitsearch.graphs import CapturedEval, CapturedTrainStep, use_cuda_graphs
@@ -150,10 +159,7 @@ def train_model(model: torch.nn.Module, dataset, train_cfg: Mapping[str, Any], a
             optimizer_kwargs["capturable"] = graphs   # its step counts on the device, its lr a tensor
     optimizer = create_optimizer_v2(model, opt=train_cfg["opt"], lr=train_cfg["lr"],
                                     weight_decay=train_cfg["weight_decay"], **optimizer_kwargs)
-    warmup_steps = int(round(float(train_cfg["warmup_epochs"]) * steps_per_epoch))
-    scheduler = CosineLRScheduler(optimizer, t_initial=max(1, epochs * steps_per_epoch - warmup_steps),
-                                  lr_min=train_cfg["min_lr"], warmup_t=warmup_steps,
-                                  warmup_lr_init=train_cfg["warmup_lr"], warmup_prefix=True, t_in_epochs=False)
+    scheduler = lr_scheduler(optimizer, train_cfg, steps_per_epoch)
     step_model = torch.compile(model) if train_cfg.get("compile") else model
     compile_pending = bool(train_cfg.get("compile"))
     grad_clip = float(train_cfg["grad_clip"])
