@@ -14,7 +14,7 @@ from typing import Any
 
 from pitsearch.errors import ConfigError
 from pitsearch.search.space import SEED_PATH
-from pitsearch.search.trial import TrialRun, worker_dataset
+from pitsearch.search.trial import TrialRun, compose_trial, worker_dataset
 
 MEMBER_AXES = (SEED_PATH, "train.lr", "train.weight_decay")   # pitsearch.packed.MEMBER_KEYS as config paths
 
@@ -23,14 +23,14 @@ def pack_capacity(trial, run: TrialRun) -> int:
     """How many trials may train in `trial`'s pack, itself included: 1 unless `sweep.pack` allows packing, the
     sweep is a grid and the trial's config can be packed (AdamW, no torch.compile)."""
     spec = run.spec
-    if spec.pack in (None, "off", 1) or spec.sampler["name"] != "grid":
+    if spec.pack == "off" or spec.sampler["name"] != "grid":
         return 1
     from pitsearch.packed import pack_key, pack_size
     from pitsearch.train import resolve_device
 
     try:
         values = spec.space.suggest(trial, seed_range=run.seed_range)
-        cfg = run.ctx.composer.compose(spec.space.to_overrides(values) + run.ctx.extra_overrides)
+        cfg = compose_trial(run, values)
         device = resolve_device(cfg["train"].get("device"))
         if pack_key(cfg) is None or (spec.pack == "auto" and device.type != "cuda"):
             return 1

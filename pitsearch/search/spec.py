@@ -126,7 +126,7 @@ def parse_sweep(node: Mapping[str, Any], known_paths=None, base_dir: str | Path 
 
 def _pack(value: Any) -> Any:
     """`sweep.pack` (checked by its schema, pitsearch.config.schema.pack_problem) as the packer reads it."""
-    return "off" if value in (False, 1) else value
+    return "off" if value is None or value is False or value == 1 else value
 
 
 ADAPTIVE_KEYS = ("min", "max", "min_effect", "alpha", "start")

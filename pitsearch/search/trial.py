@@ -20,6 +20,7 @@ Run states are `pitsearch.runstate.RunState`; the table from it to Optuna's and 
 from __future__ import annotations
 
 import contextlib
+import copy
 import gc
 import json
 import time
@@ -66,6 +67,7 @@ class TrialRun:
     datasets: dict[str, Any] = field(default_factory=dict)
     emit: Callable[[str], None] = print
     pack_cap: int | None = None       # set when a pack ran out of memory: later packs hold at most this many
+    last_config: tuple[list[str], dict[str, Any]] | None = None   # compose_trial's last (overrides, config)
 
 
 @dataclass
@@ -215,7 +217,7 @@ def _prepare(trial, run: TrialRun, values: dict[str, Any], variant: str, tags: d
     from pitsearch.experiment import prepare
 
     spec = run.spec
-    cfg = run.ctx.composer.compose(spec.space.to_overrides(values) + run.ctx.extra_overrides)
+    cfg = compose_trial(run, values)
     trial.set_user_attr("seed", cfg["train"]["seed"])
     # sweep.match: the model re-sized to the reference's cost once the data gave its shape
     matcher = TrialMatch(spec.match, variant) if spec.match is not None else None
@@ -229,6 +231,15 @@ def _prepare(trial, run: TrialRun, values: dict[str, Any], variant: str, tags: d
         tags.update(matcher.tags())
     _check_budget(prepared.stats, spec.budget)
     return prepared, matcher
+
+
+def compose_trial(run: TrialRun, values: dict[str, Any]) -> dict[str, Any]:
+    """The trial's config: the sweep's, with the trial's values and the worker's overrides. The last one is kept
+    (a copy is returned): a pack's first trial is composed to size its pack, then again to train (76 ms each)."""
+    overrides = run.spec.space.to_overrides(values) + run.ctx.extra_overrides
+    if run.last_config is None or run.last_config[0] != overrides:
+        run.last_config = (overrides, run.ctx.composer.compose(overrides))
+    return copy.deepcopy(run.last_config[1])
 
 
 def worker_dataset(cfg: dict[str, Any], run: TrialRun):
