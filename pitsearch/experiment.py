@@ -181,13 +181,8 @@ def _run(requests: list[RunRequest], tracker, parent_run_id: str | None, console
                      for request, result in zip(requests, results)]
         first = requests[0].prepared
         if len(requests) == 1:
-            try:
-                outcomes = [train_model(first.model, first.dataset, first.cfg["train"], first.cfg["data"].get("aug"),
-                                        callbacks=callbacks[0], console=console, result=trains[0])]
-            except (StopRun, ServiceUnavailable, KeyboardInterrupt):
-                raise
-            except Exception as error:  # noqa: BLE001 - a failed run is recorded, not fatal to a sweep
-                outcomes = [error]
+            outcomes = [train_model(first.model, first.dataset, first.cfg["train"], first.cfg["data"].get("aug"),
+                                    callbacks=callbacks[0], console=console, result=trains[0])]
         else:
             from pitsearch.packed import train_packed
 
@@ -201,8 +196,8 @@ def _run(requests: list[RunRequest], tracker, parent_run_id: str | None, console
     except KeyboardInterrupt:
         _end_interrupted(tracker, results, trains)
         raise
-    except Exception as error:  # noqa: BLE001 - the pack's shared step failed: every member with it
-        outcomes = [error] * len(requests)
+    except Exception as error:  # noqa: BLE001 - a failed run is recorded, not fatal to a sweep; a pack's shared
+        outcomes = [error] * len(requests)   # step failed: every member with it
     ended = 0
     try:
         for request, result, train, outcome in zip(requests, results, trains, outcomes):
