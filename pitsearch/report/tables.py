@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pitsearch.report.summary import fmt_int, fmt_num, record_metric, variant_rows
 from pitsearch.search.overrides import to_plain
 from pitsearch.search.space import SEED_PATH
-from pitsearch.report.summary import fmt_int, fmt_num, record_metric, variant_rows
 from pitsearch.stats import PairedDelta, paired_delta
 
 PRIMARY_METRIC = "val/acc_best"
